@@ -1,0 +1,4 @@
+"""Distillation losses as ``nn.Module``s."""
+from rcfast.losses.kd import MultiHeadKDLoss
+
+__all__ = ["MultiHeadKDLoss"]

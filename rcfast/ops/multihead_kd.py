@@ -1,0 +1,178 @@
+"""``rcfast.multihead_kd_loss``: argument checking, packing and backend dispatch.
+
+The loss itself lives in the backends (:mod:`rcfast.ops.reference` and the fused
+kernels behind :mod:`rcfast.ops.kernel_contract`); this module turns the
+user-facing call into the kernels' packed layout and picks the backend.
+"""
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Sequence, Union
+
+import torch
+
+from rcfast.ops.backends import kernel_op, resolve_backend
+from rcfast.ops.kernel_contract import REDUCTION_CODES
+from rcfast.ops.reference import reduce_row_losses, reference_row_losses
+
+__all__ = ["multihead_kd_loss"]
+
+Logits = Union[torch.Tensor, Sequence[torch.Tensor]]
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_tensor(name: str, tensor) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (or a list of them), got {type(tensor).__name__}")
+    if tensor.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating tensor (float32, float16, bfloat16 or float64), got {tensor.dtype}"
+        )
+    if tensor.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [batch, classes], got shape {tuple(tensor.shape)}")
+
+
+def _as_heads(student: Logits, teacher: Logits, splits):
+    """Return ``(student_2d, teacher_2d, head_sizes)`` with heads packed along dim 1."""
+    if isinstance(student, torch.Tensor) != isinstance(teacher, torch.Tensor):
+        raise TypeError("student and teacher must both be tensors or both be lists of tensors")
+    if isinstance(student, torch.Tensor):
+        _check_tensor("student", student)
+        _check_tensor("teacher", teacher)
+        if student.shape != teacher.shape:
+            raise ValueError(
+                f"student and teacher must have the same shape, got {tuple(student.shape)} "
+                f"and {tuple(teacher.shape)}"
+            )
+        if splits is None:
+            head_sizes = (student.shape[1],)
+        else:
+            if isinstance(splits, (int, torch.Tensor)) or not all(
+                isinstance(c, int) and not isinstance(c, bool) for c in splits
+            ):
+                raise TypeError(f"splits must be a sequence of ints, got {splits!r}")
+            head_sizes = tuple(splits)
+            if len(head_sizes) == 0 or any(c <= 0 for c in head_sizes):
+                raise ValueError(f"splits must be a non-empty list of positive class counts, got {splits!r}")
+            if sum(head_sizes) != student.shape[1]:
+                raise ValueError(
+                    f"splits {list(head_sizes)} sum to {sum(head_sizes)} but the logits have "
+                    f"{student.shape[1]} columns"
+                )
+        return student, teacher, head_sizes
+
+    if not isinstance(student, (list, tuple)) or not isinstance(teacher, (list, tuple)):
+        raise TypeError("student and teacher must be tensors or lists/tuples of tensors")
+    if len(student) == 0 or len(student) != len(teacher):
+        raise ValueError(
+            f"student and teacher lists must be non-empty and of equal length, got {len(student)} "
+            f"and {len(teacher)}"
+        )
+    for h, (s, t) in enumerate(zip(student, teacher)):
+        _check_tensor(f"student[{h}]", s)
+        _check_tensor(f"teacher[{h}]", t)
+        if s.shape != t.shape:
+            raise ValueError(f"student[{h}] and teacher[{h}] shapes differ: {tuple(s.shape)} vs {tuple(t.shape)}")
+        if s.shape[0] != student[0].shape[0]:
+            raise ValueError(f"every head needs the same batch size; head {h} has {s.shape[0]}")
+        if s.dtype != student[0].dtype or t.dtype != teacher[0].dtype:
+            raise TypeError(f"every head must share one dtype; head {h} differs")
+    head_sizes = tuple(s.shape[1] for s in student)
+    if splits is not None and tuple(splits) != head_sizes:
+        raise ValueError(f"splits {list(splits)} disagree with the heads' sizes {list(head_sizes)}")
+    # Lists are packed with one copy each; pass packed tensors + splits to avoid it.
+    return torch.cat(list(student), dim=1), torch.cat(list(teacher), dim=1), head_sizes
+
+
+def _per_head(name: str, value, num_heads: int, default: float, positive: bool) -> tuple[float, ...]:
+    if value is None:
+        values = (default,) * num_heads
+    elif isinstance(value, Real) and not isinstance(value, bool):
+        values = (float(value),) * num_heads
+    elif isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a float or a list of floats, not a tensor")
+    else:
+        values = tuple(float(v) for v in value)
+        if len(values) != num_heads:
+            raise ValueError(f"{name} needs one value per head ({num_heads}), got {len(values)}")
+    for v in values:
+        if not math.isfinite(v) or (positive and v <= 0):
+            kind = "finite and > 0" if positive else "finite"
+            raise ValueError(f"{name} must be {kind}, got {v}")
+    return values
+
+
+def multihead_kd_loss(
+    student: Logits,
+    teacher: Logits,
+    splits: Sequence[int] | None = None,
+    temperature: float | Sequence[float] = 4.0,
+    weights: Sequence[float] | None = None,
+    reduction: str = "batchmean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Multi-head softened-KL distillation loss, fused over all heads.
+
+    ``L_row = sum_h w_h * tau_h**2 * KL(softmax(t_h / tau_h) || softmax(s_h / tau_h))``
+
+    Args:
+        student: ``[B, sum(C_h)]`` packed logits with ``splits``, or a list of
+            ``H`` tensors ``[B, C_h]``. The only input that receives a gradient.
+        teacher: same layout as ``student``; treated as a constant target.
+        splits: head sizes ``[C_1, ..., C_H]`` for packed inputs (default: one head).
+        temperature: one float for all heads or one per head, each > 0.
+        weights: one weight per head (default all 1).
+        reduction: ``"batchmean"`` (sum / B, like ``kl_div``), ``"sum"``,
+            ``"mean"`` (sum / (B * H)) or ``"none"`` (a ``[B]`` tensor).
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``;
+            see :func:`rcfast.available_backends`.
+
+    Returns:
+        A float32 loss (float64 for float64 inputs); the student's gradient has
+        the student's dtype. A teacher logit of ``-inf`` (masked class) adds
+        nothing; a student ``-inf`` where the teacher has mass gives ``+inf``.
+    """
+    student_2d, teacher_2d, head_sizes = _as_heads(student, teacher, splits)
+    num_heads = len(head_sizes)
+    if student_2d.shape[0] == 0:
+        raise ValueError("student has batch size 0: the loss needs at least one row")
+    if student_2d.device != teacher_2d.device:
+        raise ValueError(
+            f"student and teacher must be on the same device, got {student_2d.device} and {teacher_2d.device}"
+        )
+    temperatures = _per_head("temperature", temperature, num_heads, 4.0, positive=True)
+    head_weights = _per_head("weights", weights, num_heads, 1.0, positive=False)
+    if reduction not in REDUCTION_CODES:
+        raise ValueError(f"reduction must be one of {sorted(REDUCTION_CODES)}, got {reduction!r}")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+
+    backend = resolve_backend(backend, student_2d.device)
+    teacher_2d = teacher_2d.detach()
+
+    if backend == "reference":
+        student_heads = torch.split(student_2d, head_sizes, dim=1)
+        teacher_heads = torch.split(teacher_2d, head_sizes, dim=1)
+        rows = reference_row_losses(student_heads, teacher_heads, temperatures, head_weights)
+        return reduce_row_losses(rows, reduction, num_heads)
+
+    if backend == "triton" and student_2d.dtype == torch.float64:
+        raise TypeError("backend='triton' takes float32, float16 or bfloat16 logits, got float64")
+    # The kernels read one dtype; a teacher in another precision (e.g. fp32 teacher,
+    # bf16 student under autocast) is cast to the student's.
+    teacher_2d = teacher_2d.to(student_2d.dtype).contiguous()
+    student_2d = student_2d.contiguous()
+    device = student_2d.device
+    offsets = [0]
+    for c in head_sizes:
+        offsets.append(offsets[-1] + c)
+    head_offsets = torch.tensor(offsets, dtype=torch.int64, device=device)
+    temperatures_t = torch.tensor(temperatures, dtype=torch.float32, device=device)
+    weights_t = torch.tensor(head_weights, dtype=torch.float32, device=device)
+    compute_grad = torch.is_grad_enabled() and student_2d.requires_grad
+    loss, _grad = kernel_op(backend)(
+        student_2d, teacher_2d, head_offsets, temperatures_t, weights_t,
+        REDUCTION_CODES[reduction], compute_grad,
+    )
+    return loss

@@ -1,0 +1,68 @@
+"""Pure-PyTorch reference of the multi-head softened-KL loss.
+
+This is the ground truth every kernel backend is tested against, so it is written
+for clarity, not speed: one head at a time, float32 math (float64 stays float64,
+for gradcheck), autograd for the gradient.
+
+Per row and head h with temperature tau_h and weight w_h:
+
+    loss_h = w_h * tau_h**2 * KL( softmax(t_h / tau_h) || softmax(s_h / tau_h) )
+
+A teacher logit of -inf has probability 0 and contributes nothing (torch's own
+``kl_div`` would give ``0 * inf = NaN`` there, hence the explicit ``where``).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+__all__ = ["reference_row_losses", "reduce_row_losses"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # float64 is kept for gradcheck; everything narrower is computed in float32.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reference_row_losses(
+    student_heads: Sequence[torch.Tensor],
+    teacher_heads: Sequence[torch.Tensor],
+    temperatures: Sequence[float],
+    weights: Sequence[float],
+) -> torch.Tensor:
+    """Per-row loss ``[B]`` summed over heads; differentiable w.r.t. the student.
+
+    Each ``student_heads[h]``/``teacher_heads[h]`` is ``[B, C_h]``. The teacher is
+    detached: it is a target, never trained by this loss.
+    """
+    compute_dtype = _compute_dtype(student_heads[0].dtype)
+    rows = None
+    for s, t, tau, w in zip(student_heads, teacher_heads, temperatures, weights):
+        log_p_student = torch.log_softmax(s.to(compute_dtype) / tau, dim=1)
+        log_p_teacher = torch.log_softmax(t.detach().to(compute_dtype) / tau, dim=1)
+        p_teacher = log_p_teacher.exp()
+        # Where the teacher's probability is 0 the term is 0, even if the student's
+        # log-probability is -inf there too (masked classes).
+        pointwise = torch.where(
+            p_teacher > 0,
+            p_teacher * (log_p_teacher - log_p_student),
+            torch.zeros((), dtype=compute_dtype, device=s.device),
+        )
+        head_loss = (w * tau * tau) * pointwise.sum(dim=1)
+        rows = head_loss if rows is None else rows + head_loss
+    return rows
+
+
+def reduce_row_losses(rows: torch.Tensor, reduction: str, num_heads: int) -> torch.Tensor:
+    """Apply one of ``none | sum | mean | batchmean`` to per-row losses ``[B]``."""
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    if reduction == "batchmean":
+        return total / rows.shape[0]
+    if reduction == "mean":
+        return total / (rows.shape[0] * num_heads)
+    raise ValueError(f"reduction must be one of none|sum|mean|batchmean, got {reduction!r}")
