@@ -119,7 +119,8 @@ def multihead_kd_loss(
     Args:
         student: ``[B, sum(C_h)]`` packed logits with ``splits``, or a list of
             ``H`` tensors ``[B, C_h]``. The only input that receives a gradient.
-        teacher: same layout as ``student``; treated as a constant target.
+        teacher: same layout as ``student``; treated as a constant target and
+            cast to the student's dtype if it has another.
         splits: head sizes ``[C_1, ..., C_H]`` for packed inputs (default: one head).
         temperature: one float for all heads or one per head, each > 0.
         weights: one weight per head (default all 1).
@@ -149,7 +150,10 @@ def multihead_kd_loss(
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
 
     backend = resolve_backend(backend, student_2d.device)
-    teacher_2d = teacher_2d.detach()
+    # Every backend reads one dtype: a teacher in another precision (e.g. an fp32
+    # teacher with a bf16 student under autocast) is cast to the student's, so all
+    # backends compute the same function.
+    teacher_2d = teacher_2d.detach().to(student_2d.dtype)
 
     if backend == "reference":
         student_heads = torch.split(student_2d, head_sizes, dim=1)
@@ -159,9 +163,7 @@ def multihead_kd_loss(
 
     if backend == "triton" and student_2d.dtype == torch.float64:
         raise TypeError("backend='triton' takes float32, float16 or bfloat16 logits, got float64")
-    # The kernels read one dtype; a teacher in another precision (e.g. fp32 teacher,
-    # bf16 student under autocast) is cast to the student's.
-    teacher_2d = teacher_2d.to(student_2d.dtype).contiguous()
+    teacher_2d = teacher_2d.contiguous()
     student_2d = student_2d.contiguous()
     device = student_2d.device
     offsets = [0]

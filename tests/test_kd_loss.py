@@ -1,0 +1,414 @@
+"""Every fused backend of ``rcfast.multihead_kd_loss`` against the pure-PyTorch reference.
+
+The matrix parametrises over ``rcfast.available_backends()`` (minus the reference
+itself), so a backend is tested as soon as it exists here: ``cpu`` when
+``rcfast._C`` is built, ``triton`` under ``TRITON_INTERPRET=1`` (set in
+conftest.py on machines without a GPU). Triton's interpreter is slow, so its
+widest shapes run with few rows.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import rcfast
+from rcfast.ops.backends import kernel_op
+from rcfast.ops.kernel_contract import REDUCTION_CODES
+
+FUSED_BACKENDS = [b for b in rcfast.available_backends() if b != "reference"]
+ALL_BACKENDS = ["reference"] + FUSED_BACKENDS
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+REDUCTIONS = ["batchmean", "sum", "mean", "none"]
+
+# (loss rtol, loss atol, grad rtol, grad atol). The loss is float32 math for every
+# input dtype, so only accumulation order differs; the gradient is rounded to the
+# student's dtype.
+TOLERANCES = {
+    torch.float32: (2e-5, 1e-5, 2e-5, 1e-7),
+    torch.float16: (2e-5, 1e-5, 2e-3, 1e-6),
+    torch.bfloat16: (2e-5, 1e-5, 1.6e-2, 1e-5),
+    torch.float64: (1e-10, 1e-12, 1e-10, 1e-14),
+}
+
+needs_fused = pytest.mark.skipif(not FUSED_BACKENDS, reason="no fused backend built here")
+
+
+def make_logits(batch, head_sizes, dtype, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    n = sum(head_sizes)
+    student = (torch.randn(batch, n, generator=g) * scale).to(dtype)
+    teacher = (torch.randn(batch, n, generator=g) * scale).to(dtype)
+    return student, teacher
+
+
+def loss_and_grad(backend, student, teacher, upstream=None, **kwargs):
+    student = student.detach().clone().requires_grad_(True)
+    loss = rcfast.multihead_kd_loss(student, teacher, backend=backend, **kwargs)
+    if upstream is None:
+        upstream = torch.ones_like(loss)
+    loss.backward(upstream)
+    return loss.detach(), student.grad
+
+
+def assert_matches_reference(backend, student, teacher, upstream=None, **kwargs):
+    loss, grad = loss_and_grad(backend, student, teacher, upstream, **kwargs)
+    ref_loss, ref_grad = loss_and_grad("reference", student, teacher, upstream, **kwargs)
+    loss_rtol, loss_atol, grad_rtol, grad_atol = TOLERANCES[student.dtype]
+    assert loss.dtype == ref_loss.dtype
+    assert grad.dtype == student.dtype and grad.shape == student.shape
+    torch.testing.assert_close(loss, ref_loss, rtol=loss_rtol, atol=loss_atol)
+    torch.testing.assert_close(grad, ref_grad, rtol=grad_rtol, atol=grad_atol)
+    return loss, grad
+
+
+def batch_for(backend, num_classes, batch):
+    # The Triton interpreter runs one program at a time in NumPy: keep wide heads short.
+    if backend == "triton" and num_classes > 5000:
+        return min(batch, 2)
+    return batch
+
+
+HEAD_LAYOUTS = [(1,), (2,), (7,), (1000,), (33_000,), (1, 2, 7, 1000), (1000, 196, 100, 397)]
+
+
+@needs_fused
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_sizes", HEAD_LAYOUTS, ids=lambda h: "x".join(map(str, h)))
+@pytest.mark.parametrize("batch", [1, 5])
+def test_matches_reference(backend, dtype, head_sizes, batch):
+    batch = batch_for(backend, sum(head_sizes), batch)
+    student, teacher = make_logits(batch, head_sizes, dtype)
+    assert_matches_reference(backend, student, teacher, splits=list(head_sizes), temperature=2.0)
+
+
+@needs_fused
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_reductions(backend, dtype, reduction):
+    student, teacher = make_logits(3, (5, 130, 2), dtype, seed=1)
+    loss, _ = assert_matches_reference(backend, student, teacher, splits=[5, 130, 2], reduction=reduction)
+    assert loss.shape == ((3,) if reduction == "none" else ())
+
+
+@needs_fused
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_upstream_gradient_is_applied(backend, reduction):
+    """The backward multiplies by the incoming gradient, scalar or per row."""
+    student, teacher = make_logits(4, (9, 17), torch.float32, seed=2)
+    upstream = torch.tensor([0.5, -2.0, 0.0, 3.0]) if reduction == "none" else torch.tensor(-1.7)
+    assert_matches_reference(backend, student, teacher, upstream=upstream, splits=[9, 17], reduction=reduction)
+
+
+@needs_fused
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_per_head_temperature_and_weights(backend, dtype):
+    student, teacher = make_logits(6, (10, 3, 50), dtype, seed=3)
+    assert_matches_reference(
+        backend, student, teacher, splits=[10, 3, 50],
+        temperature=[1.0, 0.5, 7.5], weights=[1.0, 0.0, 2.5],
+    )
+
+
+@needs_fused
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_non_contiguous_inputs(backend):
+    base_s, base_t = make_logits(7, (80,), torch.float32, seed=4)
+    student = base_s[:, ::2]  # strided columns
+    teacher = base_t.t().contiguous().t()[:, 1::2]  # column-major storage, strided
+    assert not student.is_contiguous() and not teacher.is_contiguous()
+    assert_matches_reference(backend, student, teacher, splits=[15, 25])
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_list_inputs_equal_packed(backend):
+    student, teacher = make_logits(4, (6, 11), torch.float32, seed=5)
+    packed_loss, packed_grad = loss_and_grad(backend, student, teacher, splits=[6, 11])
+    s_list = [student[:, :6].clone().requires_grad_(True), student[:, 6:].clone().requires_grad_(True)]
+    t_list = [teacher[:, :6], teacher[:, 6:]]
+    loss = rcfast.multihead_kd_loss(s_list, t_list, backend=backend)
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), packed_loss)
+    torch.testing.assert_close(torch.cat([s.grad for s in s_list], 1), packed_grad)
+
+
+@needs_fused
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_masked_classes(backend, dtype):
+    student, teacher = make_logits(4, (8, 300), dtype, seed=6)
+    teacher[0, :3] = float("-inf")  # masked teacher classes: p = 0
+    teacher[1, 10:200] = float("-inf")
+    student[1, 50:60] = float("-inf")  # student -inf exactly where the teacher is masked
+    student[2, 0] = float("-inf")
+    teacher[2, 0] = float("-inf")
+    loss, grad = assert_matches_reference(backend, student, teacher, splits=[8, 300], reduction="none")
+    assert torch.isfinite(loss).all()
+    assert torch.isfinite(grad.float()).all()
+
+
+@needs_fused
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_student_minus_inf_under_teacher_mass_is_inf(backend):
+    student, teacher = make_logits(3, (12,), torch.float32, seed=7)
+    student[1, 4] = float("-inf")
+    loss, grad = loss_and_grad(backend, student, teacher, reduction="none")
+    ref_loss, ref_grad = loss_and_grad("reference", student, teacher, reduction="none")
+    assert loss[1] == float("inf") and ref_loss[1] == float("inf")
+    torch.testing.assert_close(loss[[0, 2]], ref_loss[[0, 2]])
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad, ref_grad, rtol=2e-5, atol=1e-7)
+
+
+@needs_fused
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("where", ["student", "teacher"])
+def test_nan_in_nan_out(backend, where):
+    student, teacher = make_logits(3, (20,), torch.float32, seed=8)
+    (student if where == "student" else teacher)[2, 5] = float("nan")
+    loss, _ = loss_and_grad(backend, student, teacher, reduction="none")
+    assert torch.isnan(loss[2]) and torch.isfinite(loss[:2]).all()
+
+
+@needs_fused
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("dtype,magnitude", [(torch.float32, 1e4), (torch.float16, 6e4), (torch.bfloat16, 1e4)],
+                         ids=["fp32-1e4", "fp16-6e4", "bf16-1e4"])
+def test_extreme_logits(backend, dtype, magnitude):
+    g = torch.Generator().manual_seed(9)
+    signs = torch.randint(0, 2, (4, 64), generator=g).float() * 2 - 1
+    student = (signs * magnitude * torch.rand(4, 64, generator=g)).to(dtype)
+    teacher = (signs.flip(1) * magnitude * torch.rand(4, 64, generator=g)).to(dtype)
+    loss, grad = assert_matches_reference(backend, student, teacher, splits=[14, 50], temperature=1.0)
+    assert torch.isfinite(loss) and torch.isfinite(grad.float()).all()
+
+
+@pytest.mark.parametrize("backend", [b for b in ALL_BACKENDS if b != "triton"])
+def test_gradcheck_float64(backend):
+    student, teacher = make_logits(3, (4, 6), torch.float64, seed=10, scale=1.0)
+    student.requires_grad_(True)
+    for reduction in REDUCTIONS:
+        fn = lambda s: rcfast.multihead_kd_loss(  # noqa: E731
+            s, teacher, splits=[4, 6], temperature=[2.0, 0.7], weights=[1.0, 0.3],
+            reduction=reduction, backend=backend)
+        assert torch.autograd.gradcheck(fn, (student,), eps=1e-6, atol=1e-7)
+
+
+@needs_fused
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_opcheck(backend, reduction, requires_grad):
+    student, teacher = make_logits(3, (5, 9), torch.float32, seed=11)
+    student.requires_grad_(requires_grad)
+    args = (student, teacher, torch.tensor([0, 5, 14]), torch.tensor([2.0, 3.0]), torch.tensor([1.0, 0.5]),
+            REDUCTION_CODES[reduction], requires_grad)
+    torch.library.opcheck(kernel_op(backend), args)
+
+
+@pytest.mark.parametrize("backend", [b for b in ALL_BACKENDS if b in ("reference", "cpu")])
+def test_torch_compile_fullgraph(backend):
+    student, teacher = make_logits(5, (7, 30), torch.float32, seed=12)
+
+    def step(s, t):
+        return rcfast.multihead_kd_loss(s, t, splits=[7, 30], temperature=[2.0, 4.0], backend=backend) * 2.0
+
+    compiled = torch.compile(step, fullgraph=True)
+    s1 = student.clone().requires_grad_(True)
+    s2 = student.clone().requires_grad_(True)
+    eager_loss = step(s1, teacher)
+    compiled_loss = compiled(s2, teacher)
+    eager_loss.backward()
+    compiled_loss.backward()
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    torch.testing.assert_close(s2.grad, s1.grad)
+
+
+@needs_fused
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    head_sizes=st.lists(st.integers(1, 300), min_size=1, max_size=5),
+    batch=st.integers(1, 9),
+    dtype=st.sampled_from(DTYPES),
+    temperature=st.floats(0.25, 8.0),
+    reduction=st.sampled_from(REDUCTIONS),
+    seed=st.integers(0, 2**16),
+)
+def test_fuzz_against_reference(backend, head_sizes, batch, dtype, temperature, reduction, seed):
+    student, teacher = make_logits(batch, head_sizes, dtype, seed=seed)
+    assert_matches_reference(backend, student, teacher, splits=head_sizes, temperature=temperature,
+                             reduction=reduction)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_gradient_flows_to_student_only(backend):
+    student, teacher = make_logits(2, (5,), torch.float32, seed=13)
+    student.requires_grad_(True)
+    teacher.requires_grad_(True)
+    rcfast.multihead_kd_loss(student, teacher, backend=backend).backward()
+    assert student.grad is not None and teacher.grad is None
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_no_grad_forward_matches(backend):
+    student, teacher = make_logits(3, (4, 40), torch.float32, seed=14)
+    with torch.no_grad():
+        loss = rcfast.multihead_kd_loss(student, teacher, splits=[4, 40], backend=backend)
+    ref = rcfast.multihead_kd_loss(student, teacher, splits=[4, 40], backend="reference")
+    torch.testing.assert_close(loss, ref, rtol=2e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_teacher_in_another_dtype(backend):
+    student, teacher = make_logits(3, (25,), torch.float32, seed=15)
+    student = student.to(torch.bfloat16)
+    loss, grad = loss_and_grad(backend, student, teacher)
+    ref_loss, ref_grad = loss_and_grad("reference", student, teacher.to(torch.bfloat16))
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-4)
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(grad, ref_grad, rtol=1.6e-2, atol=1e-4)
+
+
+def test_module_form_equals_function():
+    student, teacher = make_logits(4, (3, 8), torch.float32, seed=16)
+    module = rcfast.MultiHeadKDLoss(splits=[3, 8], temperature=[1.5, 3.0], weights=[2.0, 1.0], reduction="sum")
+    expected = rcfast.multihead_kd_loss(student, teacher, splits=[3, 8], temperature=[1.5, 3.0],
+                                        weights=[2.0, 1.0], reduction="sum")
+    torch.testing.assert_close(module(student, teacher), expected)
+    assert "splits=[3, 8]" in repr(module)
+
+
+def test_reference_matches_torch_kl_div():
+    """The reference is itself checked against torch's kl_div on ordinary inputs."""
+    student, teacher = make_logits(6, (10, 4), torch.float32, seed=17)
+    ref = rcfast.multihead_kd_loss(student, teacher, splits=[10, 4], temperature=[2.0, 3.0],
+                                   weights=[1.0, 0.5], backend="reference")
+    expected = 0
+    for (s, t), tau, w in zip(zip(student.split([10, 4], 1), teacher.split([10, 4], 1)), [2.0, 3.0], [1.0, 0.5]):
+        expected = expected + w * tau**2 * torch.nn.functional.kl_div(
+            torch.log_softmax(s / tau, 1), torch.log_softmax(t / tau, 1), log_target=True, reduction="batchmean")
+    torch.testing.assert_close(ref, expected)
+
+
+def test_extension_is_built():
+    """CI must not pass by silently skipping the C++ backend."""
+    if os.environ.get("RCFAST_SKIP_EXTENSION") == "1":
+        pytest.skip("built without the extension on purpose (RCFAST_SKIP_EXTENSION=1)")
+    assert "cpu" in rcfast.available_backends(), rcfast.ops.backends.unavailable_reason("cpu")
+
+
+@pytest.mark.skipif("cpu" not in FUSED_BACKENDS, reason="cpu backend not built")
+def test_auto_picks_cpu_for_cpu_tensors():
+    from rcfast.ops.backends import resolve_backend
+    assert resolve_backend("auto", torch.device("cpu")) == "cpu"
+
+
+def test_missing_extension_falls_back_with_one_warning():
+    code = (
+        "import sys, warnings, torch\n"
+        "sys.modules['rcfast._C'] = None\n"  # makes `from rcfast import _C` raise ImportError
+        "import rcfast\n"
+        "assert rcfast.available_backends()[:1] == ['reference'] and 'cpu' not in rcfast.available_backends()\n"
+        "s, t = torch.randn(2, 5, requires_grad=True), torch.randn(2, 5)\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    rcfast.multihead_kd_loss(s, t).backward()\n"
+        "    rcfast.multihead_kd_loss(s, t)\n"
+        "msgs = [str(w.message) for w in caught]\n"
+        "assert len(msgs) == 1 and 'reference' in msgs[0], msgs\n"
+        "assert s.grad is not None\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+
+
+# ---- bad calls raise clear errors naming the argument -------------------------------------------
+
+def _s(*shape, dtype=torch.float32):
+    return torch.randn(*shape).to(dtype)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(student=_s(2, 5), teacher=_s(2, 6)), ValueError, "same shape"),
+        (dict(student=_s(2, 5), teacher=_s(2, 5), splits=[2, 2]), ValueError, "splits"),
+        (dict(student=_s(2, 5), teacher=_s(2, 5), splits=[5, 0]), ValueError, "splits"),
+        (dict(student=_s(2, 5), teacher=_s(2, 5), splits=5), TypeError, "splits"),
+        (dict(student=_s(0, 5), teacher=_s(0, 5)), ValueError, "batch size 0"),
+        (dict(student=_s(2, 5), teacher=_s(2, 5), temperature=0.0), ValueError, "temperature"),
+        (dict(student=_s(2, 5), teacher=_s(2, 5), temperature=-1.0), ValueError, "temperature"),
+        (dict(student=_s(2, 5), teacher=_s(2, 5), temperature=float("nan")), ValueError, "temperature"),
+        (dict(student=_s(2, 5), teacher=_s(2, 5), splits=[2, 3], temperature=[1.0]), ValueError, "temperature"),
+        (dict(student=_s(2, 5), teacher=_s(2, 5), splits=[2, 3], weights=[1.0]), ValueError, "weights"),
+        (dict(student=_s(2, 5), teacher=_s(2, 5), weights=[float("inf")]), ValueError, "weights"),
+        (dict(student=torch.ones(2, 5, dtype=torch.int64), teacher=_s(2, 5)), TypeError, "student"),
+        (dict(student=_s(2, 5), teacher=torch.ones(2, 5, dtype=torch.int32)), TypeError, "teacher"),
+        (dict(student=_s(2, 5), teacher=_s(2, 5), reduction="avg"), ValueError, "reduction"),
+        (dict(student=_s(2, 5), teacher=_s(2, 5), backend="tpu"), ValueError, "backend"),
+        (dict(student=_s(5), teacher=_s(5)), ValueError, "2-D"),
+        (dict(student=[_s(2, 3)], teacher=[_s(2, 3), _s(2, 3)]), ValueError, "equal length"),
+        (dict(student=[_s(2, 3), _s(3, 3)], teacher=[_s(2, 3), _s(3, 3)]), ValueError, "batch size"),
+        (dict(student=[_s(2, 3)], teacher=_s(2, 3)), TypeError, "both"),
+        (dict(student="logits", teacher="logits"), TypeError, "student"),
+        (dict(student=_s(2, 5), teacher=_s(2, 5), temperature=torch.tensor(2.0)), TypeError, "temperature"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_bad_calls_raise(kwargs, error, match, backend):
+    kwargs = dict(kwargs)
+    kwargs.setdefault("backend", backend)
+    with pytest.raises(error, match=match):
+        rcfast.multihead_kd_loss(**kwargs)
+
+
+def test_devices_must_match():
+    meta = torch.empty(2, 5, device="meta")
+    with pytest.raises(ValueError, match="same device"):
+        rcfast.multihead_kd_loss(_s(2, 5), meta, backend="reference")
+
+
+def test_unavailable_backend_names_the_reason():
+    if "cuda" in rcfast.available_backends():
+        pytest.skip("cuda backend is available here")
+    with pytest.raises((RuntimeError, ValueError), match="cuda"):
+        rcfast.multihead_kd_loss(_s(2, 5), _s(2, 5), backend="cuda")
+
+
+def test_triton_on_cpu_without_interpreter_raises():
+    code = (
+        "import torch, rcfast\n"
+        "try:\n"
+        "    rcfast.multihead_kd_loss(torch.randn(2, 5), torch.randn(2, 5), backend='triton')\n"
+        "except (ValueError, RuntimeError) as e:\n"
+        "    assert 'triton' in str(e).lower(), e\n"
+        "else:\n"
+        "    raise SystemExit('no error')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU, triton on CPU tensors is a different error path")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr + result.stdout
+
+
+def test_available_backends_lists_reference_first():
+    backends = rcfast.available_backends()
+    assert backends[0] == "reference"
+    assert set(backends) <= {"reference", "cpu", "triton", "cuda"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rcfast.available_backends()  # asking is silent
