@@ -1,0 +1,50 @@
+"""``DataStream``: endless, resumable iteration over an epoch-based dataset.
+
+The trainer counts optimiser steps, not epochs; this wrapper walks a dataset
+with the ``ProxyImages`` interface (``set_epoch``, ``state_dict``,
+``load_state_dict``) epoch after epoch and records where it is, so a resumed run
+continues with exactly the batches the interrupted run had not used yet.
+"""
+from __future__ import annotations
+
+__all__ = ["DataStream"]
+
+
+class DataStream:
+    """Yields batches of ``dataset`` forever, advancing its epoch when one ends."""
+
+    def __init__(self, name: str, dataset) -> None:
+        for method in ("__iter__", "set_epoch", "state_dict", "load_state_dict"):
+            if not hasattr(dataset, method):
+                raise TypeError(f"dataset {name!r} ({type(dataset).__name__}) has no {method}(); "
+                                "it needs the rcfast.data.ProxyImages interface")
+        self.name = name
+        self.dataset = dataset
+        self.epoch = 0
+        self._iterator = None
+        dataset.set_epoch(0)
+
+    def next(self):
+        """The next batch, starting a new epoch when the current one is used up."""
+        if self._iterator is None:
+            self._iterator = iter(self.dataset)
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            pass
+        self.epoch += 1
+        self.dataset.set_epoch(self.epoch)
+        self._iterator = iter(self.dataset)
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            raise RuntimeError(f"dataset {self.name!r} yields no batches (len={len(self.dataset)}); "
+                               "are there fewer images than one batch with drop_last?") from None
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "dataset": self.dataset.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self.dataset.load_state_dict(state["dataset"])
+        self._iterator = None
