@@ -39,6 +39,9 @@ def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Under torch.compile, Dynamo must not trace the imports behind this answer (it
+# refuses importlib): it calls the function once at trace time and keeps the result.
+@torch.compiler.assume_constant_result
 def unavailable_reason(backend: str) -> str | None:
     """``None`` if ``backend`` works here, else why not (for error messages)."""
     if backend == "reference":
@@ -105,10 +108,23 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+_KERNEL_OPS = {
+    "cpu": ("rcfast.ops.cpu_backend", "multihead_kd_fwd"),
+    "cuda": ("rcfast.ops.cpu_backend", "multihead_kd_fwd"),
+    "triton": ("rcfast.ops.triton_backend", "multihead_kd_fwd_triton"),
+}
+
+
 def kernel_op(backend: str):
     """The ``torch.ops`` overload implementing a fused backend."""
-    if backend in ("cpu", "cuda"):
-        return _try_import("rcfast.ops.cpu_backend")[0].multihead_kd_fwd
-    if backend == "triton":
-        return _try_import("rcfast.ops.triton_backend")[0].multihead_kd_fwd_triton
-    raise ValueError(f"no kernel op for backend {backend!r}")
+    if backend not in _KERNEL_OPS:
+        raise ValueError(f"no kernel op for backend {backend!r}")
+    module_name, op_name = _KERNEL_OPS[backend]
+    # Importing the backend module registers its op. Under torch.compile
+    # resolve_backend has already imported it (at trace time), and Dynamo cannot
+    # trace importlib: look the op up in torch.ops, which Dynamo understands.
+    if not torch.compiler.is_compiling():
+        module, reason = _try_import(module_name)
+        if module is None:
+            raise RuntimeError(f"rcfast: backend={backend!r} is not available here: {reason}")
+    return getattr(torch.ops.rcfast, op_name).default
