@@ -172,6 +172,27 @@ def test_student_minus_inf_under_teacher_mass_is_inf(backend):
 
 @needs_fused
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fully_masked_teacher_head_adds_nothing(backend, dtype):
+    student, teacher = make_logits(3, (6, 40), dtype, seed=18)
+    teacher[0, :6] = float("-inf")  # row 0: head 0 has no teacher distribution
+    teacher[1, :] = float("-inf")  # row 1: neither head has one
+    student[1, 6:9] = float("-inf")
+    loss, grad = assert_matches_reference(backend, student, teacher, splits=[6, 40], reduction="none")
+    assert loss[1] == 0 and (grad[1] == 0).all()
+    assert torch.isfinite(loss).all()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_student_head_all_minus_inf_is_inf(backend):
+    student, teacher = make_logits(2, (5, 9), torch.float32, seed=19)
+    student[0, :5] = float("-inf")
+    with torch.no_grad():
+        loss = rcfast.multihead_kd_loss(student, teacher, splits=[5, 9], reduction="none", backend=backend)
+    assert loss[0] == float("inf") and torch.isfinite(loss[1])
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("where", ["student", "teacher"])
 def test_nan_in_nan_out(backend, where):
     student, teacher = make_logits(3, (20,), torch.float32, seed=8)

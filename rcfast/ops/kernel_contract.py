@@ -27,6 +27,9 @@ Outputs:
   student's dtype, ``[B, N]``; an empty ``[0]`` tensor when ``compute_grad`` is
   false. For ``none`` the scale is 1 (per row).
 
+Non-finite inputs follow :mod:`rcfast.ops.reference` exactly (masked classes,
+fully masked heads, NaN propagation).
+
 The backward formula registered here only multiplies ``grad`` by the incoming
 gradient: nothing is recomputed and nothing else is saved.
 """

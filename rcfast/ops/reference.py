@@ -9,7 +9,16 @@ Per row and head h with temperature tau_h and weight w_h:
     loss_h = w_h * tau_h**2 * KL( softmax(t_h / tau_h) || softmax(s_h / tau_h) )
 
 A teacher logit of -inf has probability 0 and contributes nothing (torch's own
-``kl_div`` would give ``0 * inf = NaN`` there, hence the explicit ``where``).
+``kl_div`` would give ``0 * inf = NaN`` there, hence the explicit ``where``); a
+student -inf where the teacher has mass gives +inf. NaN in gives NaN out.
+
+Degenerate heads, where a softmax is undefined:
+
+- teacher logits all -inf: no distribution to match; the head adds 0 (loss and
+  gradient);
+- student logits all -inf (teacher not fully masked): the loss is +inf; the
+  gradient of such a row is unspecified (kernels give ``-w*tau*p_t``, this
+  reference 0) and is not compared in tests.
 """
 from __future__ import annotations
 
@@ -39,17 +48,30 @@ def reference_row_losses(
     compute_dtype = _compute_dtype(student_heads[0].dtype)
     rows = None
     for s, t, tau, w in zip(student_heads, teacher_heads, temperatures, weights):
-        log_p_student = torch.log_softmax(s.to(compute_dtype) / tau, dim=1)
-        log_p_teacher = torch.log_softmax(t.detach().to(compute_dtype) / tau, dim=1)
+        x_student = s.to(compute_dtype) / tau
+        x_teacher = t.detach().to(compute_dtype) / tau
+        # Degenerate heads (see the module docstring): replace their logits by
+        # zeros before the softmax so that no NaN enters the graph, then set the
+        # head's loss explicitly.
+        teacher_masked = torch.isneginf(x_teacher).all(dim=1, keepdim=True)
+        student_empty = torch.isneginf(x_student).all(dim=1, keepdim=True)
+        x_teacher = torch.where(teacher_masked, 0.0, x_teacher)
+        x_student = torch.where(student_empty, 0.0, x_student)
+
+        log_p_student = torch.log_softmax(x_student, dim=1)
+        log_p_teacher = torch.log_softmax(x_teacher, dim=1)
         p_teacher = log_p_teacher.exp()
         # Where the teacher's probability is 0 the term is 0, even if the student's
-        # log-probability is -inf there too (masked classes).
+        # log-probability is -inf there too (masked classes). NaN stays NaN.
         pointwise = torch.where(
-            p_teacher > 0,
+            p_teacher != 0,
             p_teacher * (log_p_teacher - log_p_student),
             torch.zeros((), dtype=compute_dtype, device=s.device),
         )
-        head_loss = (w * tau * tau) * pointwise.sum(dim=1)
+        kl = pointwise.sum(dim=1)
+        kl = torch.where(student_empty.squeeze(1), float("inf"), kl)
+        kl = torch.where(teacher_masked.squeeze(1), 0.0, kl)
+        head_loss = (w * tau * tau) * kl
         rows = head_loss if rows is None else rows + head_loss
     return rows
 
