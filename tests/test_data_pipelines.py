@@ -1,0 +1,252 @@
+"""rcfast.data.ProxyImages batches: both backends, their agreement, sharding, determinism, resume."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rcfast.data import IMAGENET_MEAN, IMAGENET_STD, ProxyImages
+from rcfast.data import plan
+
+BACKENDS = ["pil", "dali"]
+
+
+def _need(backend):
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("RCFAST_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "rcfast_cache"))
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory):
+    """23 smooth JPEG/PNG images of varied sizes and aspect ratios."""
+    root = tmp_path_factory.mktemp("mixed")
+    rng = np.random.default_rng(0)
+    for i in range(23):
+        w, h = int(rng.integers(24, 90)), int(rng.integers(24, 90))
+        y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+        f = rng.uniform(0.05, 0.3, size=3)
+        rgb = np.stack([(np.sin(x * f[0]) + 1) * 120, (np.cos(y * f[1]) + 1) * 120,
+                        (np.sin((x + y) * f[2]) + 1) * 120], axis=-1).astype(np.uint8)
+        ext = "jpg" if i % 2 else "png"
+        Image.fromarray(rgb).save(root / f"img{i:02d}.{ext}", quality=95)
+    return root
+
+
+@pytest.fixture(scope="module")
+def id_listing(mixed_folder):
+    """A list file giving every image its index as label: labels identify images."""
+    paths = sorted(p.name for p in mixed_folder.iterdir())
+    listing = mixed_folder.parent / "ids.txt"
+    listing.write_text("".join(f"{mixed_folder.name}/{p} {i}\n" for i, p in enumerate(paths)))
+    return listing
+
+
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory):
+    """scikit-learn's real sample photographs (640x427 JPEGs) and 3 crops of each."""
+    from sklearn.datasets import load_sample_images
+    root = tmp_path_factory.mktemp("photos")
+    for k, array in enumerate(load_sample_images().images):
+        photo = Image.fromarray(array)
+        photo.save(root / f"photo{k}.jpg", quality=92)
+        for j, box in enumerate([(0, 0, 400, 300), (200, 100, 640, 427), (100, 50, 350, 400)]):
+            photo.crop(box).save(root / f"photo{k}_crop{j}.jpg", quality=92)
+    return root
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("augment", ["rrc_flip", "center", None])
+def test_shapes_dtype_and_normalisation(photo_folder, backend, augment):
+    _need(backend)
+    ds = ProxyImages(photo_folder, image_size=48, batch_size=5, augment=augment, backend=backend,
+                     device="cpu", num_threads=2)
+    assert ds.backend == backend and ds.device == torch.device("cpu")
+    assert len(ds) == 2 and ds.num_images == 8
+    batches = list(ds)
+    assert [b.shape for b in batches] == [(5, 3, 48, 48), (3, 3, 48, 48)]
+    images = torch.cat(batches)
+    assert images.dtype == torch.float32 and images.is_contiguous()
+    # Undo the ImageNet normalisation: pixels are back in [0, 1].
+    pixels = images * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    assert pixels.min() >= -1e-4 and pixels.max() <= 1 + 1e-4
+    assert pixels.std() > 0.1  # real photographs, not a constant
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_outputs(mixed_folder, backend, dtype):
+    _need(backend)
+    kwargs = dict(image_size=16, batch_size=8, augment="center", backend=backend)
+    full = next(iter(ProxyImages(mixed_folder, **kwargs)))
+    low = next(iter(ProxyImages(mixed_folder, dtype=dtype, **kwargs)))
+    assert low.dtype == dtype
+    torch.testing.assert_close(low.float(), full, atol=0.02, rtol=0.01)
+
+
+@pytest.mark.parametrize("augment", ["center", "rrc_flip", None])
+def test_dali_and_pil_batches_agree(photo_folder, augment):
+    pytest.importorskip("nvidia.dali")
+    kwargs = dict(image_size=64, batch_size=8, augment=augment, seed=5)
+    dali = torch.cat(list(ProxyImages(photo_folder, backend="dali", **kwargs)))
+    pil = torch.cat(list(ProxyImages(photo_folder, backend="pil", **kwargs)))
+    diff = (dali - pil).abs()
+    one_level = 1 / 255 / min(IMAGENET_STD)  # one grey level, normalised: 0.017
+    # Same windows, both antialiased bilinear: inside the image they agree to
+    # within one grey level (PIL rounds to 8 bits, DALI stays in float) ...
+    assert diff[..., 1:-1, 1:-1].max() < 2 * one_level
+    # ... and on the outermost pixel ring the two resamplers treat the image
+    # edge differently (PIL renormalises the clipped filter, DALI clamps).
+    assert diff.max() < 25 * one_level
+    assert diff.mean() < 0.6 * one_level
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("num_shards", [2, 3])
+def test_shards_cover_every_image_exactly_once(id_listing, backend, num_shards):
+    _need(backend)
+    seen = []
+    for shard in range(num_shards):
+        ds = ProxyImages(id_listing, image_size=8, batch_size=4, labels=True, shard_id=shard,
+                         num_shards=num_shards, backend=backend, num_threads=1, seed=1)
+        ids = torch.cat([y for _, y in ds]).tolist()
+        assert len(ids) == ds.num_images
+        assert len(ds) == -(-ds.num_images // 4)
+        seen += ids
+    assert sorted(seen) == list(range(23))
+
+
+def test_drop_last_gives_every_shard_the_same_full_batches(id_listing):
+    counts = []
+    for shard in range(3):
+        ds = ProxyImages(id_listing, image_size=8, batch_size=3, labels=True, shard_id=shard,
+                         num_shards=3, backend="pil", drop_last=True, num_threads=0)
+        batches = [y for _, y in ds]
+        assert all(len(b) == 3 for b in batches)
+        counts.append(len(batches))
+        assert len(batches) == len(ds) == (23 // 3) // 3
+    assert len(set(counts)) == 1
+
+
+def test_shards_default_to_torch_distributed_rank(id_listing, monkeypatch):
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 4)
+    ds = ProxyImages(id_listing, image_size=8, backend="pil")
+    assert (ds.shard_id, ds.num_shards) == (1, 4)
+    assert ds.num_images == 6  # 23 images: shards of 6, 6, 6, 5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_seed_same_batches_new_epoch_new_order(id_listing, backend):
+    _need(backend)
+    def run(seed, epoch):
+        ds = ProxyImages(id_listing, image_size=24, batch_size=6, labels=True, seed=seed,
+                         backend=backend, num_threads=2)
+        ds.set_epoch(epoch)
+        batches = list(ds)
+        return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+
+    x0, y0 = run(seed=3, epoch=0)
+    x0_again, y0_again = run(seed=3, epoch=0)
+    assert torch.equal(y0, y0_again) and torch.equal(x0, x0_again)  # bitwise
+    x1, y1 = run(seed=3, epoch=1)
+    assert sorted(y1.tolist()) == sorted(y0.tolist()) and not torch.equal(y0, y1)
+    _, y_other = run(seed=4, epoch=0)
+    assert not torch.equal(y0, y_other)
+
+
+def test_epochs_advance_by_themselves(id_listing):
+    ds = ProxyImages(id_listing, image_size=8, batch_size=10, labels=True, backend="pil", num_threads=0)
+    first = torch.cat([y for _, y in ds])
+    assert ds.epoch == 1 and ds.state_dict()["batches_consumed"] == 0
+    second = torch.cat([y for _, y in ds])
+    assert ds.epoch == 2 and not torch.equal(first, second)
+    ds.set_epoch(0)
+    assert torch.equal(torch.cat([y for _, y in ds]), first)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_from_state_dict_gives_the_same_remaining_batches(id_listing, backend):
+    _need(backend)
+    kwargs = dict(image_size=20, batch_size=4, labels=True, seed=11, backend=backend, num_threads=2)
+    reference = ProxyImages(id_listing, **kwargs)
+    reference.set_epoch(2)
+    uninterrupted = list(reference)
+    assert len(uninterrupted) == 6
+
+    stopped = ProxyImages(id_listing, **kwargs)
+    stopped.set_epoch(2)
+    for k, _ in enumerate(stopped):
+        if k == 2:  # a checkpoint taken while holding batch 2
+            state = stopped.state_dict()
+            break
+    assert state["epoch"] == 2 and state["batches_consumed"] == 3
+
+    resumed = ProxyImages(id_listing, **kwargs)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(2)  # the trainer's usual call keeps the position
+    rest = list(resumed)
+    assert len(rest) == 3
+    for (x, y), (x_ref, y_ref) in zip(rest, uninterrupted[3:]):
+        assert torch.equal(y, y_ref) and torch.equal(x, x_ref)
+    assert resumed.state_dict()["epoch"] == 3
+
+
+def test_resume_skips_without_decoding(id_listing, monkeypatch):
+    from rcfast.data import pil_pipeline
+    opened = []
+    real = pil_pipeline.load_window
+    monkeypatch.setattr(pil_pipeline, "load_window", lambda p, *a: (opened.append(p), real(p, *a))[1])
+    ds = ProxyImages(id_listing, image_size=8, batch_size=4, backend="pil", num_threads=0)
+    ds.load_state_dict({"epoch": 0, "batches_consumed": 5})
+    assert len(list(ds)) == 1
+    assert len(opened) == 3  # only the last batch's images were decoded
+
+
+def test_load_state_dict_rejects_other_data_settings(id_listing):
+    ds = ProxyImages(id_listing, image_size=8, batch_size=4, backend="pil")
+    state = ds.state_dict()
+    other = ProxyImages(id_listing, image_size=8, batch_size=5, backend="pil")
+    with pytest.raises(ValueError, match="batch_size"):
+        other.load_state_dict(state)
+    with pytest.raises(ValueError, match="out of range"):
+        ds.load_state_dict({"epoch": 0, "batches_consumed": 99})
+
+
+def test_set_epoch_changes_restart_the_epoch(id_listing):
+    ds = ProxyImages(id_listing, image_size=8, batch_size=4, backend="pil", num_threads=0)
+    ds.load_state_dict({"epoch": 1, "batches_consumed": 2})
+    ds.set_epoch(1)
+    assert ds.state_dict()["batches_consumed"] == 2
+    ds.set_epoch(4)
+    assert (ds.epoch, ds.state_dict()["batches_consumed"]) == (4, 0)
+
+
+def test_rrc_windows_follow_torchvision_ranges():
+    rng = np.random.default_rng(0)
+    width, height = rng.integers(20, 400, size=2000), rng.integers(20, 400, size=2000)
+    windows, flips = plan.sample_windows("rrc_flip", 224, seed=0, epoch=0, indices=np.arange(2000),
+                                         width=width, height=height)
+    w, h = windows[:, 2] - windows[:, 0], windows[:, 3] - windows[:, 1]
+    assert (windows[:, 0] >= 0).all() and (windows[:, 2] <= width).all()
+    assert (windows[:, 1] >= 0).all() and (windows[:, 3] <= height).all()
+    area = w * h / (width * height)
+    assert area.min() > 0.06 and area.max() <= 1.0  # scale (0.08, 1), up to rounding
+    assert 0.4 < flips.mean() < 0.6
+    # The same image gets the same window whatever batch it is drawn with.
+    again, _ = plan.sample_windows("rrc_flip", 224, 0, 0, np.array([7]), width[7:8], height[7:8])
+    assert np.array_equal(again[0], windows[7])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_batches(photo_folder, backend):
+    _need(backend)
+    ds = ProxyImages(photo_folder, image_size=32, batch_size=4, labels=False, backend=backend, device="cuda")
+    batch = next(iter(ds))
+    assert batch.is_cuda and batch.shape == (4, 3, 32, 32)
