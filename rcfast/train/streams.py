@@ -7,6 +7,8 @@ continues with exactly the batches the interrupted run had not used yet.
 """
 from __future__ import annotations
 
+import torch
+
 __all__ = ["DataStream"]
 
 
@@ -24,19 +26,32 @@ class DataStream:
         self._iterator = None
         dataset.set_epoch(0)
 
+    def _start_epoch(self):
+        """A fresh iterator over the dataset's current position, and its first batch.
+
+        Starting an iterator may draw from the global torch RNG (a DataLoader
+        draws its base seed). A resumed run starts one at a step where the
+        uninterrupted run did not, so that draw is kept out of the training RNG
+        stream: otherwise the two runs' RNG states (dropout, ...) would diverge.
+        """
+        with torch.random.fork_rng(devices=[]):
+            self._iterator = iter(self.dataset)
+            return next(self._iterator)
+
     def next(self):
         """The next batch, starting a new epoch when the current one is used up."""
-        if self._iterator is None:
-            self._iterator = iter(self.dataset)
         try:
+            if self._iterator is None:
+                return self._start_epoch()
             return next(self._iterator)
         except StopIteration:
             pass
+        # The dataset advances its own epoch when an iteration completes; set_epoch
+        # to the same value keeps its position, so this is only a safeguard.
         self.epoch += 1
         self.dataset.set_epoch(self.epoch)
-        self._iterator = iter(self.dataset)
         try:
-            return next(self._iterator)
+            return self._start_epoch()
         except StopIteration:
             raise RuntimeError(f"dataset {self.name!r} yields no batches (len={len(self.dataset)}); "
                                "are there fewer images than one batch with drop_last?") from None
