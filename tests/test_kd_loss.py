@@ -48,18 +48,31 @@ def make_logits(batch, head_sizes, dtype, seed=0, scale=3.0):
     return student, teacher
 
 
-def loss_and_grad(backend, student, teacher, upstream=None, **kwargs):
-    student = student.detach().clone().requires_grad_(True)
+def device_for(backend):
+    """Where a backend's inputs live: GPU backends run on CUDA tensors when a GPU exists."""
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
+def on_device(backend, *tensors):
+    return [t.to(device_for(backend)) for t in tensors]
+
+
+def loss_and_grad(backend, student, teacher, upstream=None, device=None, **kwargs):
+    device = device or device_for(backend)
+    student = student.detach().to(device).clone().requires_grad_(True)
+    teacher = teacher.to(device)
     loss = rcfast.multihead_kd_loss(student, teacher, backend=backend, **kwargs)
     if upstream is None:
         upstream = torch.ones_like(loss)
-    loss.backward(upstream)
-    return loss.detach(), student.grad
+    loss.backward(upstream.to(device))
+    return loss.detach().cpu(), student.grad.cpu()
 
 
 def assert_matches_reference(backend, student, teacher, upstream=None, **kwargs):
     loss, grad = loss_and_grad(backend, student, teacher, upstream, **kwargs)
-    ref_loss, ref_grad = loss_and_grad("reference", student, teacher, upstream, **kwargs)
+    ref_loss, ref_grad = loss_and_grad("reference", student, teacher, upstream, device=device_for(backend), **kwargs)
     loss_rtol, loss_atol, grad_rtol, grad_atol = TOLERANCES[student.dtype]
     assert loss.dtype == ref_loss.dtype
     assert grad.dtype == student.dtype and grad.shape == student.shape
@@ -132,8 +145,8 @@ def test_non_contiguous_inputs(backend):
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_list_inputs_equal_packed(backend):
-    student, teacher = make_logits(4, (6, 11), torch.float32, seed=5)
-    packed_loss, packed_grad = loss_and_grad(backend, student, teacher, splits=[6, 11])
+    student, teacher = on_device(backend, *make_logits(4, (6, 11), torch.float32, seed=5))
+    packed_loss, packed_grad = on_device(backend, *loss_and_grad(backend, student, teacher, splits=[6, 11]))
     s_list = [student[:, :6].clone().requires_grad_(True), student[:, 6:].clone().requires_grad_(True)]
     t_list = [teacher[:, :6], teacher[:, 6:]]
     loss = rcfast.multihead_kd_loss(s_list, t_list, backend=backend)
@@ -163,7 +176,7 @@ def test_student_minus_inf_under_teacher_mass_is_inf(backend):
     student, teacher = make_logits(3, (12,), torch.float32, seed=7)
     student[1, 4] = float("-inf")
     loss, grad = loss_and_grad(backend, student, teacher, reduction="none")
-    ref_loss, ref_grad = loss_and_grad("reference", student, teacher, reduction="none")
+    ref_loss, ref_grad = loss_and_grad("reference", student, teacher, reduction="none", device=device_for(backend))
     assert loss[1] == float("inf") and ref_loss[1] == float("inf")
     torch.testing.assert_close(loss[[0, 2]], ref_loss[[0, 2]])
     assert torch.isfinite(grad).all()
@@ -185,7 +198,7 @@ def test_fully_masked_teacher_head_adds_nothing(backend, dtype):
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_student_head_all_minus_inf_is_inf(backend):
-    student, teacher = make_logits(2, (5, 9), torch.float32, seed=19)
+    student, teacher = on_device(backend, *make_logits(2, (5, 9), torch.float32, seed=19))
     student[0, :5] = float("-inf")
     with torch.no_grad():
         loss = rcfast.multihead_kd_loss(student, teacher, splits=[5, 9], reduction="none", backend=backend)
@@ -195,7 +208,7 @@ def test_student_head_all_minus_inf_is_inf(backend):
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("where", ["student", "teacher"])
 def test_nan_in_nan_out(backend, where):
-    student, teacher = make_logits(3, (20,), torch.float32, seed=8)
+    student, teacher = on_device(backend, *make_logits(3, (20,), torch.float32, seed=8))
     (student if where == "student" else teacher)[2, 5] = float("nan")
     loss, _ = loss_and_grad(backend, student, teacher, reduction="none")
     assert torch.isnan(loss[2]) and torch.isfinite(loss[:2]).all()
@@ -230,10 +243,11 @@ def test_gradcheck_float64(backend):
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
 @pytest.mark.parametrize("requires_grad", [True, False])
 def test_opcheck(backend, reduction, requires_grad):
-    student, teacher = make_logits(3, (5, 9), torch.float32, seed=11)
+    student, teacher, offsets, temperatures, weights = on_device(
+        backend, *make_logits(3, (5, 9), torch.float32, seed=11),
+        torch.tensor([0, 5, 14]), torch.tensor([2.0, 3.0]), torch.tensor([1.0, 0.5]))
     student.requires_grad_(requires_grad)
-    args = (student, teacher, torch.tensor([0, 5, 14]), torch.tensor([2.0, 3.0]), torch.tensor([1.0, 0.5]),
-            REDUCTION_CODES[reduction], requires_grad)
+    args = (student, teacher, offsets, temperatures, weights, REDUCTION_CODES[reduction], requires_grad)
     torch.library.opcheck(kernel_op(backend), args)
 
 
@@ -274,7 +288,7 @@ def test_fuzz_against_reference(backend, head_sizes, batch, dtype, temperature, 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_gradient_flows_to_student_only(backend):
-    student, teacher = make_logits(2, (5,), torch.float32, seed=13)
+    student, teacher = on_device(backend, *make_logits(2, (5,), torch.float32, seed=13))
     student.requires_grad_(True)
     teacher.requires_grad_(True)
     rcfast.multihead_kd_loss(student, teacher, backend=backend).backward()
@@ -283,7 +297,7 @@ def test_gradient_flows_to_student_only(backend):
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_no_grad_forward_matches(backend):
-    student, teacher = make_logits(3, (4, 40), torch.float32, seed=14)
+    student, teacher = on_device(backend, *make_logits(3, (4, 40), torch.float32, seed=14))
     with torch.no_grad():
         loss = rcfast.multihead_kd_loss(student, teacher, splits=[4, 40], backend=backend)
     ref = rcfast.multihead_kd_loss(student, teacher, splits=[4, 40], backend="reference")

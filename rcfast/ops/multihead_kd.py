@@ -161,8 +161,8 @@ def multihead_kd_loss(
         rows = reference_row_losses(student_heads, teacher_heads, temperatures, head_weights)
         return reduce_row_losses(rows, reduction, num_heads)
 
-    if backend == "triton" and student_2d.dtype == torch.float64:
-        raise TypeError("backend='triton' takes float32, float16 or bfloat16 logits, got float64")
+    if backend in ("triton", "cuda") and student_2d.dtype == torch.float64:
+        raise TypeError(f"backend={backend!r} takes float32, float16 or bfloat16 logits, got float64")
     teacher_2d = teacher_2d.contiguous()
     student_2d = student_2d.contiguous()
     device = student_2d.device
