@@ -29,10 +29,11 @@ REDUCTIONS = ["batchmean", "sum", "mean", "none"]
 
 # (loss rtol, loss atol, grad rtol, grad atol). The loss is float32 math for every
 # input dtype, so only accumulation order differs; the gradient is rounded to the
-# student's dtype.
+# student's dtype. A gradient element is w*tau*(p_s - p_t): a difference of two
+# float32 probabilities scaled by up to ~10, hence an absolute floor of ~10 ulp(1).
 TOLERANCES = {
-    torch.float32: (2e-5, 1e-5, 2e-5, 1e-7),
-    torch.float16: (2e-5, 1e-5, 2e-3, 1e-6),
+    torch.float32: (2e-5, 1e-5, 2e-5, 1e-6),
+    torch.float16: (2e-5, 1e-5, 2e-3, 2e-6),
     torch.bfloat16: (2e-5, 1e-5, 1.6e-2, 1e-5),
     torch.float64: (1e-10, 1e-12, 1e-10, 1e-14),
 }
