@@ -14,6 +14,7 @@ Install for development with ``pip install --no-build-isolation -e .`` so the
 build uses the torch already installed (build isolation would fetch another).
 """
 import os
+import sys
 
 from setuptools import setup
 
@@ -24,8 +25,14 @@ PACKAGES = [
 
 
 def extension_modules():
+    """``(ext_modules, cmdclass)``: rcfast._C, built by build_ext.py (per-CPU-capability
+    kernel objects need per-file flags, which plain setuptools lacks)."""
     if os.environ.get("RCFAST_SKIP_EXTENSION") == "1":
         return [], {}
+    # pip's PEP 517 legacy backend runs this file without its folder on sys.path.
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
     from build_ext import cpp_extension_modules  # noqa: E402  (build logic in build_ext.py)
     return cpp_extension_modules()
 

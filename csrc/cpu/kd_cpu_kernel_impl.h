@@ -1,0 +1,458 @@
+// kd_cpu_kernel_impl.h — the vectorised CPU kernel of rcfast::multihead_kd_fwd.
+//
+// This file is the kernel *body*. It is not compiled on its own: each of
+// kd_cpu_kernel_{default,avx2,avx512}.cpp includes it after build_ext.py has
+// defined CPU_CAPABILITY (and CPU_CAPABILITY_AVX2/AVX512 plus the matching
+// -m flags), so at::vec::Vectorized<float> is 16 lanes of AVX-512, 8 of AVX2,
+// or the portable scalar fallback, and every copy lands in its own namespace
+// rcfast::cpu::<CPU_CAPABILITY>. kd_cpu.cpp picks one at runtime.
+//
+// Algorithm (DESIGN.md "The kernel algorithm"), one task per (row, head):
+//   pass 1, classes in tiles of kTile: the tile's max of the raw logits (from
+//     memory), merged into the running max (rescaling the running sums), then
+//     exps relative to the running max (the tile is in L1 now): Σexp for
+//     student and teacher and A = Σ exp(x_t - m_t)(x_t - x_s). The loss
+//     KL = A/l_t - lse_t + lse_s needs nothing more.
+//   pass 2, only when compute_grad: g = coef (softmax_s - softmax_t) in the
+//     student's dtype. CPU specialisation: when a thread-local scratch of
+//     2 * C_h floats fits the memory budget (see scratch_budget_elems), pass 1
+//     stores its exps there and pass 2 only rescales them per tile (no exp
+//     recomputed, logits not read again). Otherwise pass 2 re-reads the
+//     logits and recomputes the exps (wide heads / tiny batches).
+// Per-(row, head) losses go to a [B, H] buffer and are reduced in a fixed
+// order after the parallel loop, so results are bitwise identical for any
+// thread count.
+#pragma once
+
+#ifndef CPU_CAPABILITY
+#error "kd_cpu_kernel_impl.h is compiled by kd_cpu_kernel_<capability>.cpp with CPU_CAPABILITY defined"
+#endif
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "../kd_math.h"
+#include "kd_cpu.h"
+
+namespace rcfast {
+namespace cpu {
+namespace CPU_CAPABILITY {
+// Everything below has internal linkage: the three capability objects are
+// linked into one library, and no helper of one may be picked by the linker
+// for another (that would run AVX-512 code on an AVX2 machine).
+namespace {
+
+using at::vec::Vectorized;
+using kd::KDSoftmaxState;
+
+// Classes per tile of pass 1. A tile of student + teacher fp32 logits is 16 KiB
+// and its exps another 16 KiB, so the second read of the tile (the exp loop)
+// hits L1 (48 KiB per core here); multiple of every vector block size.
+constexpr int64_t kTile = 2048;
+// Parallel chunks get at least this many logits each (parallel_for grain), so
+// tiny calls do not pay for waking the OpenMP team.
+constexpr int64_t kMinElementsPerChunk = 32768;
+// The exp cache may use at most this fraction of the gradient's size (the
+// issue's cap on extra memory), split across the threads.
+constexpr double kScratchFractionOfGrad = 0.05;
+
+template <typename scalar_t>
+struct KDAcc {
+  using type = float;  // float32 math for float, bfloat16 and half
+};
+template <>
+struct KDAcc<double> {
+  using type = double;  // float64 stays float64 (gradcheck exercises the kernel)
+};
+
+// Loads/stores between scalar_t memory and Vectorized<acc_t> registers. The
+// kernel walks classes in blocks of two vectors (kBlock values), which is also
+// what one Vectorized<BFloat16/Half> holds, so reduced-precision stores are a
+// single convert + store.
+template <typename scalar_t>
+struct KDIo {
+  using acc_t = typename KDAcc<scalar_t>::type;
+  using Vec = Vectorized<acc_t>;
+  static constexpr int64_t kWidth = Vec::size();
+  static constexpr int64_t kBlock = 2 * kWidth;
+  static constexpr bool kReduced = !std::is_same_v<scalar_t, acc_t>;
+
+  static inline Vec load(const scalar_t* ptr) {
+    if constexpr (kReduced) {
+      Vec out;
+      at::vec::load_to_float<scalar_t>(ptr, out);  // kWidth values, widened
+      return out;
+    } else {
+      return Vec::loadu(ptr);
+    }
+  }
+
+  // Stores count <= kBlock values of (a, b), rounding to scalar_t (to nearest even).
+  static inline void store_block(scalar_t* ptr, int64_t count, const Vec& a, const Vec& b) {
+    if (count == kBlock) {
+      if constexpr (kReduced) {
+        at::vec::convert_from_float<scalar_t>(a, b).store(ptr);
+      } else {
+        a.store(ptr);
+        b.store(ptr + kWidth);
+      }
+      return;
+    }
+    alignas(64) acc_t buffer[kBlock];
+    a.store(buffer);
+    b.store(buffer + kWidth);
+    for (int64_t i = 0; i < count; ++i) {
+      ptr[i] = static_cast<scalar_t>(buffer[i]);
+    }
+  }
+};
+
+// The vector exp of the kernel. Sleef's exp (1 ulp) — measured against
+// at::vec's exp_u20: see the comment in kd_cpu.cpp's header and
+// bench/results/kd_loss_cpu.md for the choice.
+template <typename Vec>
+inline Vec kd_vexp(const Vec& x) {
+#if defined(RCFAST_KD_FAST_EXP)
+  return x.exp_u20();
+#else
+  return x.exp();
+#endif
+}
+
+template <typename acc_t>
+inline acc_t hmax(const Vectorized<acc_t>& v) {
+  // at::vec::maximum propagates NaN, so a NaN logit reaches the running max.
+  return at::vec::vec_reduce_all<acc_t>(
+      [](Vectorized<acc_t>& a, Vectorized<acc_t>& b) { return at::vec::maximum(a, b); }, v);
+}
+
+template <typename acc_t>
+inline acc_t hsum(const Vectorized<acc_t>& v) {
+  return at::vec::vec_reduce_all<acc_t>(
+      [](Vectorized<acc_t>& a, Vectorized<acc_t>& b) { return a + b; }, v);
+}
+
+// Calls body(s0, s1, t0, t1, j) for each block of kBlock classes of [0, n),
+// j the block's first class. The last, partial block is padded with -inf
+// logits, which have exp 0 and are masked out of A, so the body needs no tail
+// code and tails get exactly the same math as the rest.
+template <typename scalar_t, typename Body>
+inline void for_each_block(const scalar_t* student, const scalar_t* teacher, int64_t n, Body&& body) {
+  using Io = KDIo<scalar_t>;
+  using acc_t = typename Io::acc_t;
+  using Vec = typename Io::Vec;
+  constexpr int64_t W = Io::kWidth;
+  int64_t j = 0;
+  for (; j + Io::kBlock <= n; j += Io::kBlock) {
+    body(Io::load(student + j), Io::load(student + j + W), Io::load(teacher + j),
+         Io::load(teacher + j + W), j);
+  }
+  if (j < n) {
+    alignas(64) acc_t s_pad[Io::kBlock];
+    alignas(64) acc_t t_pad[Io::kBlock];
+    const int64_t count = n - j;
+    for (int64_t i = 0; i < Io::kBlock; ++i) {
+      s_pad[i] = i < count ? static_cast<acc_t>(student[j + i]) : kd::kd_neg_inf<acc_t>();
+      t_pad[i] = i < count ? static_cast<acc_t>(teacher[j + i]) : kd::kd_neg_inf<acc_t>();
+    }
+    body(Vec::loadu(s_pad), Vec::loadu(s_pad + W), Vec::loadu(t_pad), Vec::loadu(t_pad + W), j);
+  }
+}
+
+// What pass 1 leaves for finalisation and pass 2.
+template <typename acc_t>
+struct KDHeadStats {
+  KDSoftmaxState<acc_t> student;
+  KDSoftmaxState<acc_t> teacher;
+  acc_t a_term;
+};
+
+// Pass 1 over one (row, head): online max/sum-exp of x = logit * inv_tau for
+// student and teacher and the A term. With kStoreExps, also writes
+// exp(x - base) to exp_student/exp_teacher (indexed by class, rounded up to
+// whole blocks) and the running max used for each tile to tile_max_*.
+template <typename scalar_t, bool kStoreExps>
+inline KDHeadStats<typename KDAcc<scalar_t>::type> kd_head_pass1(
+    const scalar_t* student, const scalar_t* teacher, int64_t num_classes,
+    typename KDAcc<scalar_t>::type inv_tau, typename KDAcc<scalar_t>::type* exp_student,
+    typename KDAcc<scalar_t>::type* exp_teacher, typename KDAcc<scalar_t>::type* tile_max_student,
+    typename KDAcc<scalar_t>::type* tile_max_teacher) {
+  using Io = KDIo<scalar_t>;
+  using acc_t = typename Io::acc_t;
+  using Vec = typename Io::Vec;
+  constexpr int64_t W = Io::kWidth;
+  const Vec neg_inf(kd::kd_neg_inf<acc_t>());
+  const Vec zero(acc_t(0));
+  const Vec inv_tau_v(inv_tau);
+
+  KDHeadStats<acc_t> stats{kd::kd_softmax_state_init<acc_t>(), kd::kd_softmax_state_init<acc_t>(),
+                           acc_t(0)};
+  int64_t tile = 0;
+  for (int64_t j0 = 0; j0 < num_classes; j0 += kTile, ++tile) {
+    const int64_t n = std::min(kTile, num_classes - j0);
+    const scalar_t* s_tile = student + j0;
+    const scalar_t* t_tile = teacher + j0;
+
+    // Tile max of the raw logits: x = logit * inv_tau with inv_tau > 0 is
+    // monotone and correctly rounded, so max(x) == max(logit) * inv_tau.
+    Vec max_s0 = neg_inf, max_s1 = neg_inf, max_t0 = neg_inf, max_t1 = neg_inf;
+    for_each_block(s_tile, t_tile, n, [&](const Vec& s0, const Vec& s1, const Vec& t0, const Vec& t1, int64_t) {
+      max_s0 = at::vec::maximum(max_s0, s0);
+      max_s1 = at::vec::maximum(max_s1, s1);
+      max_t0 = at::vec::maximum(max_t0, t0);
+      max_t1 = at::vec::maximum(max_t1, t1);
+    });
+    const acc_t tile_max_s = hmax(at::vec::maximum(max_s0, max_s1)) * inv_tau;
+    const acc_t tile_max_t = hmax(at::vec::maximum(max_t0, max_t1)) * inv_tau;
+    kd::kd_merge_block_max(stats.student, tile_max_s);
+    const acc_t teacher_factor = kd::kd_merge_block_max(stats.teacher, tile_max_t);
+    stats.a_term = kd::kd_rescale_sum(stats.a_term, teacher_factor);
+    if constexpr (kStoreExps) {
+      tile_max_student[tile] = stats.student.max;
+      tile_max_teacher[tile] = stats.teacher.max;
+    }
+
+    const Vec base_s(kd::kd_exp_base(stats.student.max));
+    const Vec base_t(kd::kd_exp_base(stats.teacher.max));
+    Vec sum_s0 = zero, sum_s1 = zero, sum_t0 = zero, sum_t1 = zero, a0 = zero, a1 = zero;
+    for_each_block(s_tile, t_tile, n, [&](const Vec& s0, const Vec& s1, const Vec& t0, const Vec& t1, int64_t j) {
+      const Vec xs0 = s0 * inv_tau_v, xs1 = s1 * inv_tau_v;
+      const Vec xt0 = t0 * inv_tau_v, xt1 = t1 * inv_tau_v;
+      const Vec es0 = kd_vexp(xs0 - base_s), es1 = kd_vexp(xs1 - base_s);
+      const Vec et0 = kd_vexp(xt0 - base_t), et1 = kd_vexp(xt1 - base_t);
+      sum_s0 = sum_s0 + es0;
+      sum_s1 = sum_s1 + es1;
+      sum_t0 = sum_t0 + et0;
+      sum_t1 = sum_t1 + et1;
+      // kd_a_term, vectorised: p_t = 0 adds nothing (masks 0 * inf = NaN).
+      const Vec d0 = Vec::blendv(zero, xt0 - xs0, et0 > zero);
+      const Vec d1 = Vec::blendv(zero, xt1 - xs1, et1 > zero);
+      a0 = at::vec::fmadd(et0, d0, a0);
+      a1 = at::vec::fmadd(et1, d1, a1);
+      if constexpr (kStoreExps) {
+        es0.store(exp_student + j0 + j);
+        es1.store(exp_student + j0 + j + W);
+        et0.store(exp_teacher + j0 + j);
+        et1.store(exp_teacher + j0 + j + W);
+      }
+    });
+    stats.student.sum += hsum(sum_s0 + sum_s1);
+    stats.teacher.sum += hsum(sum_t0 + sum_t1);
+    stats.a_term += hsum(a0 + a1);
+  }
+  return stats;
+}
+
+// Pass 2 from the exps cached by pass 1: per tile, one multiplier each turns
+// the cached exp into coef * softmax with the final max and sum.
+template <typename scalar_t>
+inline void kd_head_pass2_cached(scalar_t* grad, int64_t num_classes,
+                                 const KDHeadStats<typename KDAcc<scalar_t>::type>& stats,
+                                 typename KDAcc<scalar_t>::type coef,
+                                 const typename KDAcc<scalar_t>::type* exp_student,
+                                 const typename KDAcc<scalar_t>::type* exp_teacher,
+                                 const typename KDAcc<scalar_t>::type* tile_max_student,
+                                 const typename KDAcc<scalar_t>::type* tile_max_teacher) {
+  using Io = KDIo<scalar_t>;
+  using Vec = typename Io::Vec;
+  constexpr int64_t W = Io::kWidth;
+  int64_t tile = 0;
+  for (int64_t j0 = 0; j0 < num_classes; j0 += kTile, ++tile) {
+    const int64_t n = std::min(kTile, num_classes - j0);
+    const Vec factor_s(kd::kd_grad_factor(coef, tile_max_student[tile], stats.student));
+    const Vec factor_t(kd::kd_grad_factor(coef, tile_max_teacher[tile], stats.teacher));
+    for (int64_t j = 0; j < n; j += Io::kBlock) {
+      const int64_t c = j0 + j;
+      const Vec g0 = at::vec::fmsub(Vec::loadu(exp_student + c), factor_s, Vec::loadu(exp_teacher + c) * factor_t);
+      const Vec g1 = at::vec::fmsub(Vec::loadu(exp_student + c + W), factor_s,
+                                    Vec::loadu(exp_teacher + c + W) * factor_t);
+      Io::store_block(grad + c, std::min<int64_t>(Io::kBlock, n - j), g0, g1);
+    }
+  }
+}
+
+// Pass 2 without a cache: re-read the logits and recompute the exps.
+template <typename scalar_t>
+inline void kd_head_pass2_recompute(const scalar_t* student, const scalar_t* teacher, scalar_t* grad,
+                                    int64_t num_classes, typename KDAcc<scalar_t>::type inv_tau,
+                                    const KDHeadStats<typename KDAcc<scalar_t>::type>& stats,
+                                    typename KDAcc<scalar_t>::type coef) {
+  using Io = KDIo<scalar_t>;
+  using Vec = typename Io::Vec;
+  const Vec inv_tau_v(inv_tau);
+  const Vec base_s(kd::kd_exp_base(stats.student.max));
+  const Vec base_t(kd::kd_exp_base(stats.teacher.max));
+  const Vec factor_s(kd::kd_grad_factor(coef, stats.student.max, stats.student));
+  const Vec factor_t(kd::kd_grad_factor(coef, stats.teacher.max, stats.teacher));
+  for_each_block(student, teacher, num_classes,
+                 [&](const Vec& s0, const Vec& s1, const Vec& t0, const Vec& t1, int64_t j) {
+                   const Vec es0 = kd_vexp(s0 * inv_tau_v - base_s), es1 = kd_vexp(s1 * inv_tau_v - base_s);
+                   const Vec et0 = kd_vexp(t0 * inv_tau_v - base_t), et1 = kd_vexp(t1 * inv_tau_v - base_t);
+                   const Vec g0 = at::vec::fmsub(es0, factor_s, et0 * factor_t);
+                   const Vec g1 = at::vec::fmsub(es1, factor_s, et1 * factor_t);
+                   Io::store_block(grad + j, std::min<int64_t>(Io::kBlock, num_classes - j), g0, g1);
+                 });
+}
+
+template <typename scalar_t>
+inline void fill_head(scalar_t* grad, int64_t num_classes, typename KDAcc<scalar_t>::type value) {
+  std::fill(grad, grad + num_classes, static_cast<scalar_t>(value));
+}
+
+inline int64_t round_up(int64_t value, int64_t multiple) {
+  return (value + multiple - 1) / multiple * multiple;
+}
+
+template <typename scalar_t>
+void kd_kernel_typed(const KDCpuArgs& args) {
+  using Io = KDIo<scalar_t>;
+  using acc_t = typename Io::acc_t;
+
+  const int64_t batch = args.student.size(0);
+  const int64_t total_classes = args.student.size(1);
+  const int64_t num_heads = args.num_heads;
+  const int64_t* offsets = args.head_offsets;
+  const scalar_t* student = args.student.const_data_ptr<scalar_t>();
+  const scalar_t* teacher = args.teacher.const_data_ptr<scalar_t>();
+  scalar_t* grad = args.compute_grad ? args.grad.mutable_data_ptr<scalar_t>() : nullptr;
+
+  int64_t widest_head = 0;
+  for (int64_t h = 0; h < num_heads; ++h) {
+    widest_head = std::max(widest_head, offsets[h + 1] - offsets[h]);
+  }
+
+  // Exp cache (pass 2 without exps): per thread, the exps of student and
+  // teacher of one head plus one max per tile. A head uses it when its cache
+  // fits a share of kScratchFractionOfGrad of the gradient's bytes; so the
+  // whole scratch, over all threads, stays within that fraction.
+  const int64_t num_threads = std::max<int64_t>(1, at::get_num_threads());
+  const double grad_bytes = static_cast<double>(batch) * total_classes * sizeof(scalar_t);
+  const double budget_elems_per_thread =
+      kScratchFractionOfGrad * grad_bytes / sizeof(acc_t) / static_cast<double>(num_threads);
+  auto cache_elems = [](int64_t classes) {
+    return 2 * round_up(classes, Io::kBlock) + 2 * ((classes + kTile - 1) / kTile);
+  };
+  int64_t cached_limit = 0;  // widest head that uses the cache
+  if (args.compute_grad) {
+    for (int64_t h = 0; h < num_heads; ++h) {
+      const int64_t classes = offsets[h + 1] - offsets[h];
+      if (static_cast<double>(cache_elems(classes)) <= budget_elems_per_thread) {
+        cached_limit = std::max(cached_limit, classes);
+      }
+    }
+  }
+  const int64_t scratch_stride = cached_limit > 0 ? round_up(cache_elems(cached_limit), 64) : 0;
+  at::Tensor scratch;
+  acc_t* scratch_base = nullptr;
+  if (scratch_stride > 0) {
+    scratch = at::empty({num_threads, scratch_stride}, args.student.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    scratch_base = scratch.mutable_data_ptr<acc_t>();
+  }
+
+  at::Tensor task_losses = at::empty({batch, num_heads}, args.loss.options());
+  acc_t* task_loss = task_losses.mutable_data_ptr<acc_t>();
+  const acc_t grad_scale = static_cast<acc_t>(args.grad_scale);
+
+  const int64_t num_tasks = batch * num_heads;
+  const int64_t classes_per_task = std::max<int64_t>(1, total_classes / num_heads);
+  const int64_t grain = std::max<int64_t>(1, kMinElementsPerChunk / classes_per_task);
+
+  at::parallel_for(0, num_tasks, grain, [&](int64_t begin, int64_t end) {
+    acc_t* thread_scratch = nullptr;
+    if (scratch_base != nullptr) {
+      const int64_t tid = at::get_thread_num();
+      TORCH_INTERNAL_ASSERT(tid >= 0 && tid < num_threads, "rcfast: thread id ", tid, " out of range");
+      thread_scratch = scratch_base + tid * scratch_stride;
+    }
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t row = task / num_heads;
+      const int64_t head = task - row * num_heads;
+      const int64_t first = offsets[head];
+      const int64_t classes = offsets[head + 1] - first;
+      const acc_t tau = static_cast<acc_t>(args.temperatures[head]);
+      const acc_t weight = static_cast<acc_t>(args.weights[head]);
+      const acc_t inv_tau = acc_t(1) / tau;
+      const scalar_t* s = student + row * total_classes + first;
+      const scalar_t* t = teacher + row * total_classes + first;
+
+      const bool use_cache = thread_scratch != nullptr && classes <= cached_limit;
+      acc_t* exp_s = nullptr;
+      acc_t* exp_t = nullptr;
+      acc_t* tile_max_s = nullptr;
+      acc_t* tile_max_t = nullptr;
+      KDHeadStats<acc_t> stats;
+      if (use_cache) {
+        const int64_t padded = round_up(classes, Io::kBlock);
+        const int64_t num_tiles = (classes + kTile - 1) / kTile;
+        exp_s = thread_scratch;
+        exp_t = exp_s + padded;
+        tile_max_s = exp_t + padded;
+        tile_max_t = tile_max_s + num_tiles;
+        stats = kd_head_pass1<scalar_t, true>(s, t, classes, inv_tau, exp_s, exp_t, tile_max_s, tile_max_t);
+      } else {
+        stats = kd_head_pass1<scalar_t, false>(s, t, classes, inv_tau, nullptr, nullptr, nullptr, nullptr);
+      }
+      const acc_t kl = kd::kd_finalize_kl(stats.student, stats.teacher, stats.a_term);
+      task_loss[task] = weight * tau * tau * kl;
+
+      if (grad != nullptr) {
+        scalar_t* g = grad + row * total_classes + first;
+        const acc_t coef = grad_scale * weight * tau;
+        if (kd::kd_isnan(kl)) {
+          fill_head(g, classes, std::numeric_limits<acc_t>::quiet_NaN());  // NaN in, NaN out
+        } else if (stats.teacher.max == kd::kd_neg_inf<acc_t>()) {
+          fill_head(g, classes, acc_t(0));  // fully masked head: no loss, no gradient
+        } else if (use_cache) {
+          kd_head_pass2_cached<scalar_t>(g, classes, stats, coef, exp_s, exp_t, tile_max_s, tile_max_t);
+        } else {
+          kd_head_pass2_recompute<scalar_t>(s, t, g, classes, inv_tau, stats, coef);
+        }
+      }
+    }
+  });
+
+  // Reduction in a fixed order (independent of the thread count).
+  acc_t* loss = args.loss.mutable_data_ptr<acc_t>();
+  if (args.reduction == 0) {  // none: per-row sum over heads, in head order
+    for (int64_t row = 0; row < batch; ++row) {
+      acc_t row_loss = task_loss[row * num_heads];
+      for (int64_t head = 1; head < num_heads; ++head) {
+        row_loss += task_loss[row * num_heads + head];
+      }
+      loss[row] = row_loss;
+    }
+  } else {
+    double total = 0.0;
+    for (int64_t task = 0; task < num_tasks; ++task) {
+      total += static_cast<double>(task_loss[task]);
+    }
+    if (args.reduction == 3) {
+      total /= static_cast<double>(batch);
+    } else if (args.reduction == 2) {
+      total /= static_cast<double>(batch) * static_cast<double>(num_heads);
+    }
+    loss[0] = static_cast<acc_t>(total);
+  }
+}
+
+}  // namespace
+
+void multihead_kd_cpu_kernel(const KDCpuArgs& args) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.student.scalar_type(), "rcfast_multihead_kd_cpu",
+                                  [&] { kd_kernel_typed<scalar_t>(args); });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace rcfast
