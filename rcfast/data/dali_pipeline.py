@@ -13,12 +13,27 @@ per image, the integer box to decode (`fn.decoders.image_slice`, which decodes
 only that region of a JPEG) and the window to resample (`fn.resize` ROI; a
 reversed ROI is the horizontal flip, at no cost). DALI's own random operators
 are not used, so nothing depends on DALI's seeds or thread scheduling.
+
+On a CPU, when every window is a whole integer box (augment "rrc_flip" and
+"none"), the resampling is done by torch instead of `fn.resize`: DALI decodes
+the boxes and one finishing thread resizes each with
+`F.interpolate(..., mode="bilinear", antialias=True)` on uint8 channels-last
+tensors (torch's vectorised path, about 5x cheaper per image than DALI's CPU
+resize here and designed to match PIL's filter), flips and normalises. That
+thread runs torch with one intra-op thread (an OpenMP setting of that thread
+only, so the caller's torch threads are untouched) and hands finished batches
+over through a queue of `prefetch` batches. Fractional windows ("center") and
+GPUs keep the all-DALI graph.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import nvidia.dali.fn as fn
 import nvidia.dali.types as types
@@ -34,14 +49,23 @@ def _roi(windows: np.ndarray, flips: np.ndarray):
     return list(start), list(end)
 
 
-def _encoded_batches(batches):
+def _encoded_batches(batches, with_roi: bool):
     """External-source generator: one tuple of per-image arrays per batch."""
     for b in batches:
         encoded = [np.fromfile(p, dtype=np.uint8) for p in b.paths]
         anchors = list(b.boxes[:, :2].astype(np.int32))
         shapes = list((b.boxes[:, 2:] - b.boxes[:, :2]).astype(np.int32))
-        roi_start, roi_end = _roi(b.windows, b.flips)
-        yield encoded, anchors, shapes, roi_start, roi_end
+        if with_roi:
+            yield (encoded, anchors, shapes) + _roi(b.windows, b.flips)
+        else:
+            yield encoded, anchors, shapes
+
+
+def _whole_boxes(batches) -> bool:
+    """True when every window is exactly its decode box (no sub-pixel ROI)."""
+    return all(np.array_equal(b.windows[:, :2], np.zeros_like(b.windows[:, :2]))
+               and np.array_equal(b.windows[:, 2:], (b.boxes[:, 2:] - b.boxes[:, :2]).astype(np.float64))
+               for b in batches)
 
 
 class DaliBatches:
@@ -57,24 +81,33 @@ class DaliBatches:
         self.prefetch = max(1, prefetch)
         self._mean = [255.0 * m for m in mean]
         self._std = [255.0 * s for s in std]
+        self._mean_t = torch.tensor(self._mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self._std_t = torch.tensor(self._std, dtype=torch.float32).view(1, 3, 1, 1)
         # DALI writes float16 itself; bfloat16 is not a DALI type, so it is
         # produced from float32 on the torch side.
         self._dali_dtype = types.FLOAT16 if dtype == torch.float16 else types.FLOAT
 
-    def _build(self, batches) -> Pipeline:
+    def _build(self, batches, decode_only: bool = False) -> Pipeline:
         on_gpu = self.device.type == "cuda"
         device_id = (self.device.index if self.device.index is not None
                      else torch.cuda.current_device()) if on_gpu else None
         pipe = Pipeline(batch_size=self.batch_size, num_threads=self.num_threads,
                         device_id=device_id, prefetch_queue_depth=self.prefetch)
         with pipe:
-            encoded, anchor, shape, roi_start, roi_end = fn.external_source(
-                source=_encoded_batches(batches), num_outputs=5, batch=True,
-                dtype=[types.UINT8, types.INT32, types.INT32, types.FLOAT, types.FLOAT])
+            inputs = fn.external_source(
+                source=_encoded_batches(batches, with_roi=not decode_only),
+                num_outputs=3 if decode_only else 5, batch=True,
+                dtype=[types.UINT8, types.INT32, types.INT32] + ([] if decode_only else [types.FLOAT, types.FLOAT]))
+            encoded, anchor, shape = inputs[:3]
             images = fn.decoders.image_slice(
                 encoded, anchor, shape, device="mixed" if on_gpu else "cpu",
                 output_type=types.RGB, axis_names="WH",
                 normalized_anchor=False, normalized_shape=False)
+            if decode_only:
+                pipe.set_outputs(images)
+                pipe.build()
+                return pipe
+            roi_start, roi_end = inputs[3:]
             # Antialiased bilinear, the filter PIL's BILINEAR resize uses.
             # Float output skips a rounding pass and is faster on the CPU.
             images = fn.resize(images, size=(self.image_size, self.image_size),
@@ -89,6 +122,9 @@ class DaliBatches:
     def iterate(self, batches):
         """Yield one normalised image tensor per plan batch, in order."""
         if not batches:
+            return
+        if self.device.type == "cpu" and _whole_boxes(batches):
+            yield from self._iterate_torch_resample(batches)
             return
         pipe = self._build(batches)
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
@@ -106,3 +142,60 @@ class DaliBatches:
         # One copy, straight from DALI's buffer into the torch tensor.
         feed_ndarray(dense, out, cuda_stream=stream)
         return out if out.dtype == self.dtype else out.to(self.dtype)
+
+    # ------------------------------------------- CPU: DALI decode, torch resample
+    def _iterate_torch_resample(self, batches):
+        pipe = self._build(batches, decode_only=True)
+        finished: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    finished.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def finish_batches():
+            # One intra-op thread for this thread's many small resizes: more
+            # would only spin against DALI's decoding threads.
+            torch.set_num_threads(1)
+            try:
+                for b in batches:
+                    (slices,) = pipe.run()
+                    if not put(self._finish(slices, b.flips)):
+                        return
+            except BaseException as e:  # handed to the consumer, raised there
+                put(e)
+
+        worker = threading.Thread(target=finish_batches, name="rcfast-dali-finish", daemon=True)
+        worker.start()
+        try:
+            for _ in range(len(batches)):
+                item = finished.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            worker.join()
+            del pipe
+
+    def _finish(self, slices, flips) -> torch.Tensor:
+        """Decoded boxes (uint8 HWC) -> resized, flipped, normalised NCHW batch."""
+        n, size = len(slices), self.image_size
+        # NHWC storage seen as NCHW: channels-last, the layout of torch's fast
+        # uint8 antialiased resize.
+        batch_u8 = torch.empty((n, size, size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+        for i in range(n):
+            image = torch.from_numpy(np.asarray(slices[i])).permute(2, 0, 1).unsqueeze(0)
+            if image.shape[-2:] != (size, size):
+                image = F.interpolate(image, size=(size, size), mode="bilinear",
+                                      antialias=True, align_corners=False)
+            batch_u8[i] = image[0].flip(-1) if flips[i] else image[0]
+        out = torch.empty((n, 3, size, size), dtype=torch.float32)
+        out.copy_(batch_u8)
+        out.sub_(self._mean_t).div_(self._std_t)
+        return out if self.dtype == torch.float32 else out.to(self.dtype)
