@@ -41,24 +41,31 @@ def finetune_accuracy(backbone: nn.Module, train_data, test_data, num_classes: i
     autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16"
                 else contextlib.nullcontext)
     torch.manual_seed(seed)
-    first_images = next(iter(test_data))[0]
     net = copy.deepcopy(backbone).to(device)
-    model = MultiHeadStudent(net, _feature_dim(net, first_images.to(device)), {"task": num_classes}).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    # The head, optimiser and schedule are built at the first batch, where the
+    # feature width can be measured: peeking at a batch beforehand would move a
+    # stateful dataset's position.
+    model = optimizer = scheduler = None
     steps_per_epoch = len(train_data) if hasattr(train_data, "__len__") else None
-    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
-                 if steps_per_epoch else None)
     for _ in range(epochs):
-        model.train()
         for images, labels in train_data:
+            images = images.to(device, non_blocking=True)
+            if model is None:
+                model = MultiHeadStudent(net, _feature_dim(net, images), {"task": num_classes}).to(device)
+                optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+                if steps_per_epoch:
+                    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+            model.train()
             with autocast():
-                logits = model(images.to(device, non_blocking=True))
+                logits = model(images)
             loss = F.cross_entropy(logits.float(), labels.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
+    if model is None:
+        raise ValueError("train_data yielded no batches")
     model.eval()
     correct = total = 0
     with torch.inference_mode(), autocast():

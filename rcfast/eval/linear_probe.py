@@ -12,6 +12,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 __all__ = ["linear_probe"]
 
@@ -27,7 +28,10 @@ def _fit(features, labels, C: float, max_iter: int, seed: int):
     scaler = StandardScaler().fit(features)
     # lbfgs fits the multinomial (softmax) model for more than two classes.
     model = LogisticRegression(C=C, max_iter=max_iter, random_state=seed)
-    model.fit(scaler.transform(features), labels)
+    # Probe problems are small (thousands x hundreds): each lbfgs iteration is a few
+    # tiny BLAS calls, for which waking a BLAS thread pool costs more than it saves.
+    with threadpool_limits(limits=1, user_api="blas"):
+        model.fit(scaler.transform(features), labels)
     return scaler, model
 
 

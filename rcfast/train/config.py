@@ -61,7 +61,12 @@ class TeacherConfig:
 
 @dataclass
 class DataConfig:
-    """Proxy images for distillation (``rcfast.data.ProxyImages`` arguments)."""
+    """Images for training (``rcfast.data.ProxyImages`` arguments).
+
+    Distill mode reads the proxy images from ``source``; supervised mode reads
+    each task's ``source`` with these settings. ``shuffle: null`` follows
+    ``ProxyImages`` (shuffle with ``rrc_flip`` only).
+    """
 
     source: str = ""
     image_size: int = 224
@@ -71,6 +76,7 @@ class DataConfig:
     num_threads: int = 2
     drop_last: bool = True
     labels: bool = False
+    shuffle: Optional[bool] = None
 
 
 @dataclass

@@ -133,6 +133,8 @@ class Consolidator:
         else:
             raise ValueError(f"train.mode must be 'distill' or 'supervised', got {self.mode!r}")
 
+        for name, stream in self.streams.items():
+            self._check_shard(name, stream.dataset)
         self.student = student.to(self.device)
         if cfg.sync_batchnorm:
             if self.device.type != "cuda":
@@ -173,7 +175,8 @@ class Consolidator:
                 raise FileNotFoundError(f"data source {source} does not exist")
             return ProxyImages(source, image_size=d.image_size, batch_size=d.batch_size,
                                device=str(ctx.device), seed=t.seed, augment=d.augment, labels=labels,
-                               drop_last=d.drop_last, backend=d.backend, num_threads=d.num_threads)
+                               drop_last=d.drop_last, backend=d.backend, num_threads=d.num_threads,
+                               shuffle=d.shuffle)
 
         if t.mode == "distill":
             teachers = {}
@@ -193,6 +196,17 @@ class Consolidator:
         tasks = {task.name: proxy(task.source, labels=True) for task in config.tasks}
         return cls(student, tasks=tasks, task_weights={task.name: task.weight for task in config.tasks},
                    train=t, optim=config.optim, run_config=config, dist_context=ctx)
+
+    def _check_shard(self, name: str, dataset) -> None:
+        """Every rank must read its own shard, or DDP silently trains on duplicated data."""
+        shard_id, num_shards = getattr(dataset, "shard_id", None), getattr(dataset, "num_shards", None)
+        if shard_id is None or num_shards is None:
+            return
+        if (shard_id, num_shards) != (self.ctx.rank, self.ctx.world_size):
+            raise ValueError(
+                f"dataset {name!r} is shard {shard_id} of {num_shards}, but this process is rank "
+                f"{self.ctx.rank} of {self.ctx.world_size}: build datasets after torch.distributed is "
+                "initialised (setup_distributed(); Consolidator.from_config does this) or pass shard_id/num_shards")
 
     # ------------------------------------------------------------------ one step
     def _autocast(self):
@@ -345,7 +359,10 @@ class Consolidator:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
-        """Train to ``train.max_steps``; returns ``{steps, loss, images_per_sec, wall_time_s, checkpoint}``."""
+        """Train to ``train.max_steps``, then export ``final.pt``.
+
+        Returns ``{steps, resumed_from, loss, images_per_sec, wall_time_s, checkpoint, final}``.
+        """
         cfg = self.train_cfg
         resumed_from = self._resume_path()
         if resumed_from is not None:
@@ -392,6 +409,7 @@ class Consolidator:
                     last_saved = self.step
             if last_saved != self.step:
                 self.save_checkpoint()
+            self.export_model()
         finally:
             bar.close()
             if self.metrics is not None:
@@ -404,7 +422,23 @@ class Consolidator:
             "images_per_sec": total_images / wall if total_images else float("nan"),
             "wall_time_s": wall,
             "checkpoint": str(checkpoint_path(self.checkpoint_dir, self.step)),
+            "final": str(self.out_dir / "final.pt"),
         }
+
+    def export_model(self, path: str | Path | None = None) -> Path | None:
+        """Write the student's weights alone (main rank) to ``path`` (default ``<out_dir>/final.pt``).
+
+        ``{"model", "heads", "step", "config"}``, loadable with ``weights_only=True``;
+        usable as a teacher checkpoint and by ``rcfast eval``.
+        """
+        if not self.ctx.is_main:
+            return None
+        path = Path(path) if path is not None else self.out_dir / "final.pt"
+        return atomic_save({
+            "model": self.student.state_dict(), "step": self.step,
+            "heads": {"names": list(self.student.head_names), "splits": list(self.student.splits)},
+            "config": config_to_dict(self.run_config) if self.run_config is not None else None,
+        }, path)
 
     def close(self) -> None:
         """Leave the process group if this trainer joined it."""

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests/ folde
 
 from helpers.proxy import TensorProxy, toy_images  # noqa: E402
 from rcfast.models import build_classifier, build_student  # noqa: E402
-from rcfast.train import Consolidator, OptimConfig, TrainConfig  # noqa: E402
+from rcfast.train import Consolidator, OptimConfig, TrainConfig, setup_distributed  # noqa: E402
 
 
 def main() -> None:
@@ -38,6 +38,8 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(1)
+    # Join the torchrun group first: datasets take their shard from it when built.
+    ctx = setup_distributed("cpu")
     torch.manual_seed(1234)
     teachers = {"task": build_classifier("small_cnn", 3, width=4), "generalist": build_classifier("small_cnn", 6, width=4)}
     with torch.no_grad():  # sharpen the random teachers so the student gets a real signal
@@ -59,7 +61,8 @@ def main() -> None:
                         loss_backend=args.loss_backend)
     optim = OptimConfig(lr=0.01, warmup_steps=2, clip_grad_norm=1.0)
     trainer = Consolidator(student, data, teachers=teachers, temperatures={"task": 2.0, "generalist": 4.0},
-                           weights={"task": 1.0, "generalist": 0.5}, train=train, optim=optim)
+                           weights={"task": 1.0, "generalist": 0.5}, train=train, optim=optim,
+                           dist_context=ctx)
     if args.hang_after is not None:
         def hang(t: Consolidator) -> None:
             if t.step == args.hang_after:

@@ -1,0 +1,194 @@
+"""The ``rcfast`` command: ``consolidate``, ``eval``, ``bench`` and ``demo``.
+
+- ``rcfast consolidate --config run.yaml [--set key=value ...]``: train from a
+  YAML config (see :class:`rcfast.train.RunConfig`); under ``torchrun`` it runs DDP.
+- ``rcfast eval --checkpoint final.pt --data TASK_DIR``: linear probe and kNN
+  (and optionally a fine-tune) of a trained backbone on a labeled task folder
+  with ``train/`` and ``test/`` class folders.
+- ``rcfast bench [args]``: the loss benchmark ``bench/bench_kd_loss.py`` of a
+  source checkout, in script mode.
+- ``rcfast demo [--out DIR] [--quick]``: the end-to-end digits demo.
+
+Configuration and input errors print one ``rcfast: error: ...`` line and exit
+with status 2 (``RCFAST_DEBUG=1`` shows the traceback instead).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BENCH_SCRIPT = REPO_ROOT / "bench" / "bench_kd_loss.py"
+
+
+class CliError(Exception):
+    """An error in the command's inputs, reported without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rcfast", description="Fast representation-consolidation distillation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("consolidate", help="train a student (or teacher/oracle) from a YAML config")
+    p.add_argument("--config", required=True, help="YAML run config (mirrors rcfast.train.RunConfig)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. train.max_steps=100 or teachers.0.weight=2")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+    p = sub.add_parser("eval", help="transfer evaluation of a trained backbone on a labeled task")
+    p.add_argument("--checkpoint", required=True, help="final.pt or a trainer checkpoint")
+    p.add_argument("--data", required=True, help="task folder with train/ and test/ class folders")
+    p.add_argument("--backbone", default=None, help="backbone name (default: from the checkpoint's config)")
+    p.add_argument("--backbone-kwargs", default=None, help="JSON kwargs of --backbone")
+    p.add_argument("--image-size", type=int, default=None, help="default: the checkpoint config's data.image_size")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--knn-k", type=int, nargs="+", default=[10])
+    p.add_argument("--finetune-epochs", type=int, default=0)
+    p.add_argument("--data-backend", default="auto", choices=("auto", "dali", "pil"))
+    p.add_argument("--augment", default="none", choices=("none", "center"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+    p = sub.add_parser("bench", help="run bench/bench_kd_loss.py (needs the source checkout)")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark script")
+
+    p = sub.add_parser("demo", help="end-to-end representation-consolidation demo on digits")
+    p.add_argument("--out", default="rcfast-demo", help="output folder (default: ./rcfast-demo)")
+    p.add_argument("--quick", action="store_true", help="tiny budgets: a smoke test in well under a minute")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    return parser
+
+
+def _consolidate(args) -> int:
+    from rcfast.train import Consolidator, dump_config, load_config
+
+    config = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(dump_config(config), end="")
+        return 0
+    trainer = Consolidator.from_config(config)
+    try:
+        summary = trainer.fit()
+    finally:
+        trainer.close()
+    if trainer.ctx.is_main:
+        print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _load_backbone(args):
+    import torch
+
+    from rcfast.models import build_model
+    from rcfast.train.teachers import extract_model_state
+
+    path = Path(args.checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"--checkpoint: file {path} does not exist")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = extract_model_state(checkpoint)
+    config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+    if args.backbone is not None:
+        name = args.backbone
+        try:
+            kwargs = json.loads(args.backbone_kwargs) if args.backbone_kwargs else {}
+        except json.JSONDecodeError as exc:
+            raise CliError(f"--backbone-kwargs is not valid JSON: {exc}") from exc
+    elif config is not None:
+        name, kwargs = config["student"]["backbone"], config["student"]["backbone_kwargs"]
+    else:
+        raise CliError(f"{path} holds no run config: pass --backbone (and --backbone-kwargs)")
+    backbone = build_model(name, **kwargs)
+    if any(k.startswith("backbone.") for k in state):
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    try:
+        backbone.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CliError(f"{path} does not fit backbone {name!r} with {kwargs}: {exc}") from exc
+    image_size = args.image_size or (config["data"]["image_size"] if config is not None else None)
+    if image_size is None:
+        raise CliError("--image-size is needed: the checkpoint holds no run config")
+    return backbone, image_size
+
+
+def _eval(args) -> int:
+    from rcfast.data import ProxyImages
+    from rcfast.eval import evaluate_transfer
+    from rcfast.train.distributed import resolve_device
+
+    data = Path(args.data)
+    for split in ("train", "test"):
+        if not (data / split).is_dir():
+            raise FileNotFoundError(f"--data: {data / split} does not exist (expected train/ and test/ class folders)")
+    backbone, image_size = _load_backbone(args)
+    device = resolve_device(args.device)
+    backbone.to(device)
+
+    def labeled(split: str) -> ProxyImages:
+        return ProxyImages(str(data / split), image_size=image_size, batch_size=args.batch_size, device=str(device),
+                           augment=args.augment, labels=True, drop_last=False, shuffle=False,
+                           backend=args.data_backend)
+
+    train, test = labeled("train"), labeled("test")
+    result = evaluate_transfer(backbone, train, test, knn_k=args.knn_k, finetune_epochs=args.finetune_epochs,
+                               num_classes=train.num_classes, device=device)
+    print(json.dumps(result, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def _bench(args) -> int:
+    if not BENCH_SCRIPT.is_file():
+        raise CliError(f"rcfast bench runs the benchmark script of a source checkout, but {BENCH_SCRIPT} does not "
+                       "exist (rcfast installed without its repository?). Clone the repository and run it there.")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    extra = [a for a in args.bench_args if a != "--"]
+    # The script prints its own table; its output goes straight to ours.
+    return subprocess.run([sys.executable, str(BENCH_SCRIPT), *extra], cwd=REPO_ROOT, env=env).returncode
+
+
+def _demo(args) -> int:
+    import torch
+
+    from rcfast.train.demo import run_demo
+
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise CliError(f"--threads must be > 0, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    results = run_demo(args.out, quick=args.quick)
+    out = Path(args.out).resolve()
+    print()
+    print(results["table"])
+    print(f"\nDemo finished in {results['total_seconds']:.0f} s. Report: {out / 'report.md'}, "
+          f"chart: {out / 'transfer.png'}, results: {out / 'results.json'}")
+    return 0
+
+
+COMMANDS = {"consolidate": _consolidate, "eval": _eval, "bench": _bench, "demo": _demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``rcfast`` console script; returns the exit status."""
+    from rcfast.train.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (CliError, ConfigError, FileNotFoundError, ValueError, ImportError) as exc:
+        if os.environ.get("RCFAST_DEBUG") == "1":
+            raise
+        print(f"rcfast: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""The Consolidator on tiny in-memory data: steps, learning, AMP, teachers, optimiser, checkpoints."""
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from helpers import TensorProxy, toy_images
+from rcfast.models import build_classifier, build_student
+from rcfast.train import Consolidator, OptimConfig, TeacherEnsemble, TrainConfig, atomic_save, read_metrics
+from rcfast.train.checkpoint import capture_rng_state, latest_checkpoint, restore_rng_state
+from rcfast.train.optim import build_optimizer, warmup_cosine
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest (and reproducibly) on one thread; restore afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _teachers(seed: int = 0) -> dict[str, nn.Module]:
+    torch.manual_seed(seed)
+    teachers = {"task": build_classifier("small_cnn", 3, width=4), "generalist": build_classifier("small_cnn", 6, width=4)}
+    with torch.no_grad():  # sharper random teachers: a clear target
+        for t in teachers.values():
+            t.heads.weight.mul_(20.0)
+    return teachers
+
+
+def _distiller(tmp_path, steps: int = 4, precision: str = "fp32", lr: float = 3e-3, **train_kwargs) -> Consolidator:
+    images, _ = toy_images(48, 6, image_size=16, seed=1)
+    torch.manual_seed(0)
+    student = build_student("small_cnn", {"task": 3, "generalist": 6}, width=4)
+    train = TrainConfig(max_steps=steps, out_dir=str(tmp_path / "run"), resume="none", progress=False,
+                        log_every=1, precision=precision, **train_kwargs)
+    return Consolidator(student, TensorProxy(images, batch_size=16), teachers=_teachers(),
+                        temperatures={"task": 2.0, "generalist": 4.0}, train=train,
+                        optim=OptimConfig(lr=lr, warmup_steps=0))
+
+
+def test_one_step_updates_the_student_and_logs(tmp_path):
+    trainer = _distiller(tmp_path, steps=1)
+    before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
+    summary = trainer.fit()
+    assert summary["steps"] == 1 and math.isfinite(summary["loss"]) and summary["loss"] > 0
+    changed = [k for k, v in trainer.student.state_dict().items() if not torch.equal(v, before[k])]
+    assert "heads.weight" in changed and "backbone.body.0.weight" in changed
+    (record,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert record["step"] == 1 and set(record["head_loss"]) == {"task", "generalist"}
+    assert record["images_per_sec"] > 0 and record["lr"] == pytest.approx(3e-3 * warmup_cosine(1, 0, 1, 0.0))
+    # the per-head losses add up to the fused loss
+    assert sum(record["head_loss"].values()) == pytest.approx(record["loss"], rel=1e-4)
+    final = torch.load(tmp_path / "run" / "final.pt", weights_only=True)
+    assert final["heads"] == {"names": ["task", "generalist"], "splits": [3, 6]}
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "checkpoint_000000001.pt"
+
+
+def test_distillation_loss_decreases(tmp_path):
+    trainer = _distiller(tmp_path, steps=24, lr=1e-2)
+    trainer.fit()
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    assert len(losses) == 24
+    assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:4]), losses
+
+
+def test_supervised_multitask_loss_decreases(tmp_path):
+    xa, ya = toy_images(48, 3, image_size=16, seed=2)
+    xb, yb = toy_images(48, 4, image_size=16, seed=3)
+    torch.manual_seed(0)
+    student = build_student("small_cnn", {"a": 3, "b": 4}, width=4)
+    trainer = Consolidator(
+        student, tasks={"a": TensorProxy(xa, ya, batch_size=12, labels=True),
+                        "b": TensorProxy(xb, yb, batch_size=12, labels=True)},
+        train=TrainConfig(mode="supervised", max_steps=24, out_dir=str(tmp_path / "sup"), resume="none",
+                          progress=False, log_every=1),
+        optim=OptimConfig(lr=1e-2))
+    trainer.fit()
+    records = read_metrics(tmp_path / "sup" / "metrics.jsonl")
+    first, last = records[0], records[-1]
+    assert set(first["head_loss"]) == {"a", "b"}
+    assert first["head_loss"]["a"] == pytest.approx(math.log(3), rel=0.3)  # ~uniform at the start
+    assert last["loss"] < 0.5 * first["loss"], [r["loss"] for r in records]
+
+
+def test_bf16_autocast_on_cpu(tmp_path):
+    trainer = _distiller(tmp_path, steps=2, precision="bf16")
+    seen = []
+    trainer.student.heads.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    summary = trainer.fit()
+    assert seen and all(dtype == torch.bfloat16 for dtype in seen)
+    assert math.isfinite(summary["loss"])
+    assert all(p.dtype == torch.float32 for p in trainer.student.parameters())  # master weights stay fp32
+    assert not trainer.scaler.is_enabled()  # bf16 needs no loss scaling
+
+
+def test_fp16_without_gpu_is_a_clear_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is valid with a GPU")
+    with pytest.raises(ValueError, match="fp16.*CUDA"):
+        _distiller(tmp_path, precision="fp16")
+
+
+def test_hard_label_cross_entropy_term(tmp_path):
+    images, labels = toy_images(48, 3, image_size=16, seed=4)
+    torch.manual_seed(0)
+    student = build_student("small_cnn", {"task": 3, "generalist": 6}, width=4)
+    train = TrainConfig(max_steps=2, out_dir=str(tmp_path / "ce"), resume="none", progress=False, log_every=1,
+                        ce_weight=1.0, ce_head="task")
+    trainer = Consolidator(student, TensorProxy(images, labels, batch_size=16, labels=True),
+                           teachers=_teachers(), train=train)
+    trainer.fit()
+    (rec1, rec2) = read_metrics(tmp_path / "ce" / "metrics.jsonl")
+    # total = KD heads + CE (~log 3 for an untrained head): clearly above the KD part alone
+    assert rec1["loss"] - sum(rec1["head_loss"].values()) == pytest.approx(math.log(3), rel=0.5)
+
+
+def test_teacher_ensemble_packs_logits_into_one_reused_buffer():
+    teachers = _teachers()
+    ensemble = TeacherEnsemble(teachers, ["generalist", "task"], [6, 3])
+    images = torch.randn(5, 3, 16, 16)
+    packed = ensemble(images)
+    with torch.no_grad():
+        expected = torch.cat([teachers["generalist"](images), teachers["task"](images)], dim=1)
+    torch.testing.assert_close(packed, expected)
+    assert not packed.requires_grad
+    again = ensemble(torch.randn(5, 3, 16, 16))
+    assert again.data_ptr() == packed.data_ptr()  # no new allocation per step
+    with pytest.raises(ValueError, match="must match the student's heads"):
+        TeacherEnsemble(teachers, ["generalist", "other"], [6, 3])
+    with pytest.raises(ValueError, match="teacher 'task' produced logits of shape"):
+        TeacherEnsemble(teachers, ["generalist", "task"], [6, 4])(images)
+
+
+def test_fused_optimizer_on_cpu_and_no_decay_for_1d_params():
+    student = build_student("small_cnn", {"a": 2}, width=4)
+    optimizer = build_optimizer(student, OptimConfig(name="adamw", weight_decay=0.1), torch.device("cpu"))
+    assert optimizer.defaults["fused"] is True
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
+    with pytest.raises((ValueError, ImportError), match="lamb"):
+        build_optimizer(student, OptimConfig(name="lamb"), torch.device("cpu"))
+
+
+def test_warmup_then_cosine_schedule():
+    values = [warmup_cosine(s, warmup_steps=4, total_steps=12, min_ratio=0.1) for s in range(13)]
+    assert values[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert values[4] == 1.0 and values[12] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(values[4:], values[5:]))  # monotone decay after warm-up
+
+
+def test_atomic_save_and_weights_only_rng_round_trip(tmp_path):
+    random.seed(3)
+    np.random.seed(3)
+    torch.manual_seed(3)
+    state = capture_rng_state()
+    path = atomic_save({"rng": state, "x": torch.arange(3)}, tmp_path / "ck" / "a.pt")
+    assert [p.name for p in path.parent.iterdir()] == ["a.pt"]  # no temp file left behind
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    loaded = torch.load(path, weights_only=True)
+    restore_rng_state(loaded["rng"])
+    assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == expected
+
+
+def test_resume_rejects_a_checkpoint_of_another_student(tmp_path):
+    trainer = _distiller(tmp_path, steps=2)
+    trainer.fit()
+    torch.manual_seed(0)
+    other = build_student("small_cnn", {"task": 3, "other": 6}, width=4)
+    images, _ = toy_images(48, 6, image_size=16, seed=1)
+    teachers = _teachers()
+    resumed = Consolidator(other, TensorProxy(images, batch_size=16),
+                           teachers={"task": teachers["task"], "other": teachers["generalist"]},
+                           train=TrainConfig(max_steps=4, out_dir=str(tmp_path / "run"), progress=False))
+    with pytest.raises(ValueError, match="checkpoint heads"):
+        resumed.fit()
+
+
+def test_metrics_jsonl_lines_are_json(tmp_path):
+    trainer = _distiller(tmp_path, steps=3)
+    trainer.fit()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+
+
+def test_a_dataset_sharded_for_another_rank_is_rejected(tmp_path):
+    from rcfast.train import DistContext
+    images, _ = toy_images(16, 2, image_size=8)
+    with pytest.raises(ValueError, match="shard 0 of 1, but this process is rank 1 of 2"):
+        Consolidator(build_student("small_cnn", {"task": 3, "generalist": 6}, width=4),
+                     TensorProxy(images, batch_size=4), teachers=_teachers(),
+                     train=TrainConfig(out_dir=str(tmp_path)), dist_context=DistContext(rank=1, world_size=2))
