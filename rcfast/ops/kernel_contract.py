@@ -72,6 +72,10 @@ def fake_kernel(student, teacher, head_offsets, temperatures, weights, reduction
 def _setup_context(ctx, inputs, output):
     _, grad = output
     ctx.save_for_backward(grad)
+    # The second output (the gradient buffer) never receives a gradient; without
+    # this, autograd would allocate and zero a [B, N] tensor for it on every
+    # backward (as much memory and time as the gradient itself).
+    ctx.set_materialize_grads(False)
 
 
 def _is_plain_eager_cpu(tensor: torch.Tensor) -> bool:
@@ -88,6 +92,8 @@ def _is_plain_eager_cpu(tensor: torch.Tensor) -> bool:
 
 def _backward(ctx, grad_loss, _unused_grad_of_grad):
     (grad,) = ctx.saved_tensors
+    if grad_loss is None:  # only the gradient buffer was used downstream: nothing flows back
+        return None, None, None, None, None, None, None
     if grad.numel() == 0 and grad_loss.numel() != 0:
         raise RuntimeError(
             "rcfast: the KD loss was computed without its gradient (compute_grad=False) "
