@@ -46,7 +46,7 @@ def bar_chart(rows: Mapping[str, Mapping[str, float]], columns: Sequence[str], p
 
     names = list(rows)
     width = 0.8 / max(1, len(names))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(columns) + 0.25 * len(names) * len(columns)), 4.2))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(columns) + 0.25 * len(names) * len(columns)) + 3.0, 4.2))
     for i, name in enumerate(names):
         values = [rows[name].get(c) for c in columns]
         xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(columns))]
@@ -57,7 +57,7 @@ def bar_chart(rows: Mapping[str, Mapping[str, float]], columns: Sequence[str], p
     ax.set_ylim(0.0, 1.0)
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, ncol=2, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

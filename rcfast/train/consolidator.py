@@ -16,6 +16,8 @@ DDP under ``torchrun``):
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import time
 from pathlib import Path
 from typing import Mapping
@@ -99,6 +101,9 @@ class Consolidator:
         if cfg.num_threads is not None:
             torch.set_num_threads(cfg.num_threads)
         if cfg.deterministic:
+            if self.device.type == "cuda":
+                # cuBLAS is deterministic only with a fixed workspace (set before its first use).
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
         if cfg.precision not in _AMP_DTYPES:
@@ -278,8 +283,6 @@ class Consolidator:
         """One optimiser step; returns ``(loss, images_in_this_rank's_batch, extra)``."""
         self.model.train()
         loss, batch_images, extra = self._distill_loss() if self.mode == "distill" else self._supervised_loss()
-        if not torch.isfinite(loss.detach()):
-            raise FloatingPointError(f"loss is {loss.item()} at step {self.step + 1}")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.optim_cfg.clip_grad_norm:
@@ -393,6 +396,10 @@ class Consolidator:
                     values = self.ctx.mean(torch.stack([loss.detach().float()] +
                                                        [v.float() for v in heads.values()])).tolist()
                     last_loss = values[0]
+                    # Checked here, where the loss is on the host anyway: a per-step check
+                    # would synchronise a GPU every step.
+                    if not math.isfinite(last_loss) and not self.scaler.is_enabled():
+                        raise FloatingPointError(f"loss is {last_loss} at step {self.step}")
                     record = {"step": self.step, "loss": values[0],
                               "head_loss": dict(zip(heads.keys(), values[1:])),
                               "lr": self.scheduler.get_last_lr()[0],

@@ -8,7 +8,8 @@
    (a) single-head KD from task teacher A, (b) RepCon (both task teachers + the
    generalist), (c) multi-teacher KD without the generalist, all on the
    unlabeled proxy images, and (d) the multi-task oracle trained with labels on
-   the teachers' own data.
+   the teachers' own data (one head per teacher task, the batch split over the
+   tasks so it sees as many images per step as the students).
 4. Every backbone (the students', the oracle's, the teachers', and a randomly
    initialised one) is frozen and scored on each downstream task by a linear
    probe and kNN.
@@ -118,9 +119,14 @@ def demo_configs(manifest: dict, out: Path, settings: DemoSettings) -> dict[str,
             student=_student(settings), teachers=[teacher(t) for t in teacher_names],
             data=_data(settings, manifest["proxy"]["path"]), optim=_optim(settings, settings.student_steps),
             train=_train(settings, runs / name, settings.student_steps, "distill"))
+    oracle_tasks = [teacher_tasks[t] for t in ("task_a", "task_b", "generalist")]
+    # Supervised mode draws one batch per task each step; splitting the batch size
+    # over the tasks gives the oracle as many images per step as the students.
+    oracle_data = _data(settings)
+    oracle_data.batch_size = max(1, settings.batch_size // len(oracle_tasks))
     configs["oracle_multitask"] = RunConfig(
-        student=_student(settings), tasks=[teacher_tasks[t] for t in ("task_a", "task_b", "generalist")],
-        data=_data(settings), optim=_optim(settings, settings.student_steps),
+        student=_student(settings), tasks=oracle_tasks,
+        data=oracle_data, optim=_optim(settings, settings.student_steps),
         train=_train(settings, runs / "oracle_multitask", settings.student_steps, "supervised"))
     return configs
 
