@@ -8,8 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rcfast.models import MultiHeadStudent
-
 __all__ = ["finetune_accuracy"]
 
 
@@ -51,7 +49,7 @@ def finetune_accuracy(backbone: nn.Module, train_data, test_data, num_classes: i
         for images, labels in train_data:
             images = images.to(device, non_blocking=True)
             if model is None:
-                model = MultiHeadStudent(net, _feature_dim(net, images), {"task": num_classes}).to(device)
+                model = nn.Sequential(net, nn.Flatten(1), nn.Linear(_feature_dim(net, images), num_classes)).to(device)
                 optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
                 if steps_per_epoch:
                     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
