@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -74,7 +75,7 @@ def _minimal(tmp_path: Path, **teacher) -> dict:
     ("list entry", {"teachers": [{"name": "a", "buildr": "x"}]}, r"unknown config key teachers\[0\]\.buildr"),
     ("type", {"train": {"max_steps": "ten"}}, r"train\.max_steps must be an integer"),
     ("value", {"train": {"precision": "fp8"}}, r"train\.precision must be one of"),
-])
+], ids=["top-level", "section", "list-entry", "type", "value"])
 def test_bad_config_keys_and_values_are_named(tmp_path, where, patch, message):
     data = _minimal(tmp_path)
     for key, value in patch.items():
@@ -109,7 +110,7 @@ def _teacher_checkpoint(tmp_path: Path, num_classes: int = 5) -> Path:
     ("head size", r"teacher 'a': checkpoint .*a\.pt does not fit builder 'small_cnn' with num_classes=7"),
     ("missing file", r"teacher 'a': checkpoint file .*missing\.pt does not exist"),
     ("not weights", r"teacher 'a': .*not a loadable weights-only checkpoint"),
-])
+], ids=["unknown-builder", "head-size", "missing-file", "not-weights"])
 def test_bad_teachers_are_clear_errors(tmp_path, capsys, case, message):
     _teacher_checkpoint(tmp_path)
     patch = {"unknown builder": {"builder": "resnet9000"}, "head size": {"num_classes": 7},
@@ -121,7 +122,7 @@ def test_bad_teachers_are_clear_errors(tmp_path, capsys, case, message):
     assert cli.main(["consolidate", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("rcfast: error: ") and "Traceback" not in err
-    assert __import__("re").search(message, err), err
+    assert re.search(message, err), err
 
 
 def _image_tree(root: Path, classes: int, per_class: int, seed: int) -> Path:

@@ -1,6 +1,7 @@
 """DDP: two gloo processes under torchrun match one process on the same global batch."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -57,7 +58,6 @@ def test_two_process_gloo_run_matches_single_process(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == [
         "checkpoint_000000003.pt", "checkpoint_000000006.pt"]
     # The logged loss is the mean over ranks: the same as the single process's.
-    single_loss = [line for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
-    import json
+    single_loss = (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()
     for a, b in zip(lines, single_loss):
         assert json.loads(a)["loss"] == pytest.approx(json.loads(b)["loss"], rel=1e-4)
