@@ -39,6 +39,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <tuple>
@@ -67,7 +68,10 @@ constexpr int64_t kTile = 2048;
 constexpr int64_t kMinElementsPerChunk = 32768;
 // The exp cache may use at most this fraction of the gradient's size (the
 // issue's cap on extra memory), split across the threads.
-constexpr double kScratchFractionOfGrad = 0.05;
+#ifndef RCFAST_KD_SCRATCH_FRACTION
+#define RCFAST_KD_SCRATCH_FRACTION 0.05
+#endif
+constexpr double kScratchFractionOfGrad = RCFAST_KD_SCRATCH_FRACTION;
 
 template <typename scalar_t>
 struct KDAcc {
@@ -157,57 +161,120 @@ constexpr float kExp2C3 = 0.05550733581185341f;
 constexpr float kExp2C4 = 0.009671512991189957f;
 constexpr float kExp2C5 = 0.0013264722656458616f;
 
+#if !defined(RCFAST_KD_SLEEF_EXP) && defined(CPU_CAPABILITY_AVX512)
+#define RCFAST_KD_OWN_EXP2 1
+inline __m512 exp2_poly(__m512 f) {
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kExp2C5), f, _mm512_set1_ps(kExp2C4));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C3));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C2));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C1));
+  return _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+}
+#elif !defined(RCFAST_KD_SLEEF_EXP) && defined(CPU_CAPABILITY_AVX2)
+#define RCFAST_KD_OWN_EXP2 1
+inline __m256 exp2_poly(__m256 f) {
+  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kExp2C5), f, _mm256_set1_ps(kExp2C4));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2C3));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2C2));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2C1));
+  return _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+}
+// 2^f * 2^n for integral n >= -125 (a normal number), 0 where !in_range.
+inline __m256 exp2_scale(__m256 p, __m256 n, __m256 in_range) {
+  const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(in_range, _mm256_mul_ps(p, _mm256_castsi256_ps(exponent)));
+}
+#endif
+
+// 2^y.
 template <typename acc_t>
 inline Vectorized<acc_t> kd_vexp2(const Vectorized<acc_t>& y) {
-#if !defined(RCFAST_KD_SLEEF_EXP) && (defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2))
+#if defined(RCFAST_KD_OWN_EXP2)
   if constexpr (std::is_same_v<acc_t, float>) {
 #if defined(CPU_CAPABILITY_AVX512)
     const __m512 lowest = _mm512_set1_ps(-125.0f);
     const __mmask16 in_range = _mm512_cmp_ps_mask(y, lowest, _CMP_GE_OQ);  // false for NaN too
-    const __m512 v = _mm512_max_ps(y, lowest);
-    const __m512 n = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(v, n);
-    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kExp2C5), f, _mm512_set1_ps(kExp2C4));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C3));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C2));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C1));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return Vectorized<float>(_mm512_maskz_scalef_ps(in_range, p, n));
+    const __m512 n = _mm512_roundscale_ps(_mm512_max_ps(y, lowest), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(y, n);
+    return Vectorized<float>(_mm512_maskz_scalef_ps(in_range, exp2_poly(f), n));
 #else
     const __m256 lowest = _mm256_set1_ps(-125.0f);
-    const __m256 v = _mm256_max_ps(y, lowest);
-    const __m256 n = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m256 f = _mm256_sub_ps(v, n);
-    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kExp2C5), f, _mm256_set1_ps(kExp2C4));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2C3));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2C2));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2C1));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-    const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    const __m256 result = _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
-    return Vectorized<float>(_mm256_and_ps(_mm256_cmp_ps(y, lowest, _CMP_GE_OQ), result));
+    const __m256 in_range = _mm256_cmp_ps(y, lowest, _CMP_GE_OQ);
+    const __m256 n = _mm256_round_ps(_mm256_max_ps(y, lowest), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return Vectorized<float>(exp2_scale(exp2_poly(_mm256_sub_ps(y, n)), n, in_range));
 #endif
   }
 #endif
   return y.exp2();
 }
 
+// 2^(x * c), with the fraction f = x c - n taken by an FMA from the exact
+// product: as accurate for |x c| ~ 60 as for small arguments (a rounded
+// product would lose |x c| * 2^-24 in the exponent). Same cost as kd_vexp2.
+template <typename acc_t>
+inline Vectorized<acc_t> kd_vexp2_product(const Vectorized<acc_t>& x, const Vectorized<acc_t>& c) {
+#if defined(RCFAST_KD_OWN_EXP2)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const Vectorized<float> y = x * c;
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512 lowest = _mm512_set1_ps(-125.0f);
+    const __mmask16 in_range = _mm512_cmp_ps_mask(y, lowest, _CMP_GE_OQ);
+    const __m512 n = _mm512_roundscale_ps(_mm512_max_ps(y, lowest), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    // Out-of-range lanes get a meaningless f (never denormal); they are zeroed.
+    const __m512 f = _mm512_fmsub_ps(x, c, n);
+    return Vectorized<float>(_mm512_maskz_scalef_ps(in_range, exp2_poly(f), n));
+#else
+    const __m256 lowest = _mm256_set1_ps(-125.0f);
+    const __m256 in_range = _mm256_cmp_ps(y, lowest, _CMP_GE_OQ);
+    const __m256 n = _mm256_round_ps(_mm256_max_ps(y, lowest), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return Vectorized<float>(exp2_scale(exp2_poly(_mm256_fmsub_ps(x, c, n)), n, in_range));
+#endif
+  }
+#endif
+  return (x * c).exp2();
+}
+
 // Hint the next logits into the cache while the current tile is computed:
 // tasks of a thread read one contiguous range, so "ahead" is simply further
 // along the packed [B, N] buffer (a prefetch past its end never faults).
-constexpr int64_t kPrefetchBytes = 4096;
+#ifndef RCFAST_KD_PREFETCH_BYTES
+#define RCFAST_KD_PREFETCH_BYTES 4096
+#endif
+constexpr int64_t kPrefetchBytes = RCFAST_KD_PREFETCH_BYTES;
 template <typename scalar_t, int64_t kBlockElems>
 inline void prefetch_ahead(const scalar_t* ptr) {
   constexpr int64_t kLines = std::max<int64_t>(1, kBlockElems * int64_t(sizeof(scalar_t)) / 64);
   const char* base = reinterpret_cast<const char*>(ptr) + kPrefetchBytes;
+#ifndef RCFAST_KD_NO_PREFETCH
   for (int64_t line = 0; line < kLines; ++line) {
     __builtin_prefetch(base + 64 * line, /*rw=*/0, /*locality=*/3);
   }
+#endif
+}
+
+// acc + (weight > 0 ? weight * value : 0): the masked A-term update. AVX-512
+// does it in a compare into a mask register and one masked FMA; at::vec's
+// blendv would round-trip the mask through a vector register.
+template <typename acc_t>
+inline Vectorized<acc_t> fmadd_where_positive(const Vectorized<acc_t>& weight, const Vectorized<acc_t>& value,
+                                              const Vectorized<acc_t>& acc) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const __mmask16 positive = _mm512_cmp_ps_mask(weight, _mm512_setzero_ps(), _CMP_GT_OQ);
+    return Vectorized<float>(_mm512_mask3_fmadd_ps(weight, value, acc, positive));
+  } else {
+    const __mmask8 positive = _mm512_cmp_pd_mask(weight, _mm512_setzero_pd(), _CMP_GT_OQ);
+    return Vectorized<double>(_mm512_mask3_fmadd_pd(weight, value, acc, positive));
+  }
+#else
+  const Vectorized<acc_t> zero(acc_t(0));
+  return at::vec::fmadd(weight, Vectorized<acc_t>::blendv(zero, value, weight > zero), acc);
+#endif
 }
 
 template <typename acc_t>
 inline acc_t hmax(const Vectorized<acc_t>& v) {
-  // at::vec::maximum propagates NaN, so a NaN logit reaches the running max.
+  // NaN-propagating (at::vec::maximum), although NaN logits are caught by the probe sums.
   return at::vec::vec_reduce_all<acc_t>(
       [](Vectorized<acc_t>& a, Vectorized<acc_t>& b) { return at::vec::maximum(a, b); }, v);
 }
@@ -253,7 +320,7 @@ struct KDHeadStats {
 // exp(x - base) to exp_student/exp_teacher (indexed by class, rounded up to
 // whole blocks) and the running max used for each tile to tile_max_*.
 template <typename scalar_t, bool kStoreExps>
-inline KDHeadStats<typename KDAcc<scalar_t>::type> kd_head_pass1(
+inline KDHeadStats<typename KDAcc<scalar_t>::type> kd_head_pass1_online(
     const scalar_t* student, const scalar_t* teacher, int64_t num_classes,
     typename KDAcc<scalar_t>::type inv_tau, typename KDAcc<scalar_t>::type* exp_student,
     typename KDAcc<scalar_t>::type* exp_teacher, typename KDAcc<scalar_t>::type* tile_max_student,
@@ -267,6 +334,7 @@ inline KDHeadStats<typename KDAcc<scalar_t>::type> kd_head_pass1(
   const Vec inv_tau_v(inv_tau);
   const acc_t kLog2e = static_cast<acc_t>(1.4426950408889634);
   const Vec scale2_v(inv_tau * kLog2e);  // exps in base 2, see kd_vexp2
+  const Vec nan_probe_scale(static_cast<acc_t>(7.888609052210118e-31));  // 2^-100
 
   KDHeadStats<acc_t> stats{kd::kd_softmax_state_init<acc_t>(), kd::kd_softmax_state_init<acc_t>(),
                            acc_t(0)};
@@ -278,15 +346,24 @@ inline KDHeadStats<typename KDAcc<scalar_t>::type> kd_head_pass1(
 
     // Tile max of the raw logits: x = logit * inv_tau with inv_tau > 0 is
     // monotone and correctly rounded, so max(x) == max(logit) * inv_tau.
+    // A plain max loses NaN, so NaN is caught by a probe sum (logit * 2^-100:
+    // NaN-propagating, and it cannot overflow to +inf, so a masked -inf never
+    // meets a +inf); only a +inf logit could also give NaN, and +inf logits
+    // make the softmax itself NaN anyway.
     Vec max_s0 = neg_inf, max_s1 = neg_inf, max_t0 = neg_inf, max_t1 = neg_inf;
+    Vec probe_s = zero, probe_t = zero;
     for_each_block(s_tile, t_tile, n, [&](const Vec& s0, const Vec& s1, const Vec& t0, const Vec& t1, int64_t) {
-      max_s0 = at::vec::maximum(max_s0, s0);
-      max_s1 = at::vec::maximum(max_s1, s1);
-      max_t0 = at::vec::maximum(max_t0, t0);
-      max_t1 = at::vec::maximum(max_t1, t1);
+      max_s0 = at::vec::clamp_min(s0, max_s0);
+      max_s1 = at::vec::clamp_min(s1, max_s1);
+      max_t0 = at::vec::clamp_min(t0, max_t0);
+      max_t1 = at::vec::clamp_min(t1, max_t1);
+      probe_s = at::vec::fmadd(s0 + s1, nan_probe_scale, probe_s);
+      probe_t = at::vec::fmadd(t0 + t1, nan_probe_scale, probe_t);
     });
-    const acc_t tile_max_s = hmax(at::vec::maximum(max_s0, max_s1)) * inv_tau;
-    const acc_t tile_max_t = hmax(at::vec::maximum(max_t0, max_t1)) * inv_tau;
+    acc_t tile_max_s = hmax(at::vec::clamp_min(max_s0, max_s1)) * inv_tau;
+    acc_t tile_max_t = hmax(at::vec::clamp_min(max_t0, max_t1)) * inv_tau;
+    if (kd::kd_isnan(hsum(probe_s))) tile_max_s = std::numeric_limits<acc_t>::quiet_NaN();
+    if (kd::kd_isnan(hsum(probe_t))) tile_max_t = std::numeric_limits<acc_t>::quiet_NaN();
     kd::kd_merge_block_max(stats.student, tile_max_s);
     const acc_t teacher_factor = kd::kd_merge_block_max(stats.teacher, tile_max_t);
     stats.a_term = kd::kd_rescale_sum(stats.a_term, teacher_factor);
@@ -311,10 +388,8 @@ inline KDHeadStats<typename KDAcc<scalar_t>::type> kd_head_pass1(
       sum_t1 = sum_t1 + et1;
       // kd_a_term, vectorised: x_t - x_s (as t/tau - s/tau: no overflow of
       // t - s), masked to 0 where p_t = 0 (0 * inf would be NaN).
-      const Vec d0 = Vec::blendv(zero, at::vec::fmsub(t0, inv_tau_v, s0 * inv_tau_v), et0 > zero);
-      const Vec d1 = Vec::blendv(zero, at::vec::fmsub(t1, inv_tau_v, s1 * inv_tau_v), et1 > zero);
-      a0 = at::vec::fmadd(et0, d0, a0);
-      a1 = at::vec::fmadd(et1, d1, a1);
+      a0 = fmadd_where_positive(et0, at::vec::fmsub(t0, inv_tau_v, s0 * inv_tau_v), a0);
+      a1 = fmadd_where_positive(et1, at::vec::fmsub(t1, inv_tau_v, s1 * inv_tau_v), a1);
       if constexpr (kStoreExps) {
         es0.store(exp_student + j0 + j);
         es1.store(exp_student + j0 + j + W);
@@ -327,6 +402,91 @@ inline KDHeadStats<typename KDAcc<scalar_t>::type> kd_head_pass1(
     stats.a_term += hsum(a0 + a1);
   }
   return stats;
+}
+
+// Range of max(logit) * log2(e) / tau, per tensor, in which the direct pass
+// is exact to float precision: exps 2^(x log2 e) relative to 0 instead of the
+// max neither overflow (sums <= C 2^64) nor lose any class that matters (the
+// flush to 0 at 2^-125 is 2^-45 below the largest term).
+constexpr double kDirectMaxLow = -80.0;
+constexpr double kDirectMaxHigh = 64.0;
+
+// Pass 1 in one sweep, for the common case of logits within ±44 tau of 0:
+// exps relative to 0 (no max is needed first), while the maxima and a NaN
+// probe are gathered on the side to check that case afterwards. Returns false
+// (stats untouched; the caller runs kd_head_pass1_online) when the check
+// fails: logits out of that range, NaN, or a non-finite sum or A (e.g. a
+// student -inf where the teacher has mass, whose +inf the online pass gets
+// right). On success stats hold sums relative to base 0 (max = 0), and with
+// kStoreExps the exps and zero tile maxima are in the scratch, exactly as the
+// online pass would leave them for pass 2.
+template <typename scalar_t, bool kStoreExps>
+inline bool kd_head_pass1_direct(const scalar_t* student, const scalar_t* teacher, int64_t num_classes,
+                                 typename KDAcc<scalar_t>::type inv_tau, typename KDAcc<scalar_t>::type* exp_student,
+                                 typename KDAcc<scalar_t>::type* exp_teacher,
+                                 typename KDAcc<scalar_t>::type* tile_max_student,
+                                 typename KDAcc<scalar_t>::type* tile_max_teacher,
+                                 KDHeadStats<typename KDAcc<scalar_t>::type>& stats) {
+  using Io = KDIo<scalar_t>;
+  using acc_t = typename Io::acc_t;
+  using Vec = typename Io::Vec;
+  constexpr int64_t W = Io::kWidth;
+  const Vec neg_inf(kd::kd_neg_inf<acc_t>());
+  const Vec zero(acc_t(0));
+  const Vec inv_tau_v(inv_tau);
+  const acc_t scale2 = inv_tau * static_cast<acc_t>(1.4426950408889634);
+  const Vec scale2_v(scale2);
+  const Vec nan_probe_scale(static_cast<acc_t>(7.888609052210118e-31));  // 2^-100, see kd_head_pass1_online
+
+  Vec max_s0 = neg_inf, max_s1 = neg_inf, max_t0 = neg_inf, max_t1 = neg_inf;
+  Vec probe0 = zero, probe1 = zero;
+  Vec sum_s0 = zero, sum_s1 = zero, sum_t0 = zero, sum_t1 = zero, a0 = zero, a1 = zero;
+  for_each_block(student, teacher, num_classes,
+                 [&](const Vec& s0, const Vec& s1, const Vec& t0, const Vec& t1, int64_t j) {
+                   prefetch_ahead<scalar_t, Io::kBlock>(student + j);
+                   prefetch_ahead<scalar_t, Io::kBlock>(teacher + j);
+                   max_s0 = at::vec::clamp_min(s0, max_s0);
+                   max_s1 = at::vec::clamp_min(s1, max_s1);
+                   max_t0 = at::vec::clamp_min(t0, max_t0);
+                   max_t1 = at::vec::clamp_min(t1, max_t1);
+                   probe0 = at::vec::fmadd(s0 + t0, nan_probe_scale, probe0);
+                   probe1 = at::vec::fmadd(s1 + t1, nan_probe_scale, probe1);
+                   const Vec es0 = kd_vexp2_product(s0, scale2_v), es1 = kd_vexp2_product(s1, scale2_v);
+                   const Vec et0 = kd_vexp2_product(t0, scale2_v), et1 = kd_vexp2_product(t1, scale2_v);
+                   sum_s0 = sum_s0 + es0;
+                   sum_s1 = sum_s1 + es1;
+                   sum_t0 = sum_t0 + et0;
+                   sum_t1 = sum_t1 + et1;
+                   a0 = fmadd_where_positive(et0, at::vec::fmsub(t0, inv_tau_v, s0 * inv_tau_v), a0);
+                   a1 = fmadd_where_positive(et1, at::vec::fmsub(t1, inv_tau_v, s1 * inv_tau_v), a1);
+                   if constexpr (kStoreExps) {
+                     es0.store(exp_student + j);
+                     es1.store(exp_student + j + W);
+                     et0.store(exp_teacher + j);
+                     et1.store(exp_teacher + j + W);
+                   }
+                 });
+  const acc_t max2_s = hmax(at::vec::clamp_min(max_s0, max_s1)) * scale2;
+  const acc_t max2_t = hmax(at::vec::clamp_min(max_t0, max_t1)) * scale2;
+  const acc_t sum_s = hsum(sum_s0 + sum_s1);
+  const acc_t sum_t = hsum(sum_t0 + sum_t1);
+  const acc_t a_term = hsum(a0 + a1);
+  const bool in_range = max2_s >= kDirectMaxLow && max2_s <= kDirectMaxHigh && max2_t >= kDirectMaxLow &&
+                        max2_t <= kDirectMaxHigh;  // false for NaN maxima
+  if (!in_range || kd::kd_isnan(hsum(probe0 + probe1)) || !std::isfinite(sum_s) || !std::isfinite(sum_t) ||
+      !std::isfinite(a_term)) {
+    return false;
+  }
+  stats.student = {acc_t(0), sum_s};
+  stats.teacher = {acc_t(0), sum_t};
+  stats.a_term = a_term;
+  if constexpr (kStoreExps) {
+    for (int64_t tile = 0; tile * kTile < num_classes; ++tile) {
+      tile_max_student[tile] = acc_t(0);
+      tile_max_teacher[tile] = acc_t(0);
+    }
+  }
+  return true;
 }
 
 // Pass 2 from the exps cached by pass 1: per tile, one multiplier each turns
@@ -372,18 +532,24 @@ inline void kd_head_pass2_recompute(const scalar_t* student, const scalar_t* tea
   const Vec neg_base_t(-kd::kd_exp_base(stats.teacher.max) * kLog2e);
   const Vec factor_s(kd::kd_grad_factor(coef, stats.student.max, stats.student));
   const Vec factor_t(kd::kd_grad_factor(coef, stats.teacher.max, stats.teacher));
-  for_each_block(student, teacher, num_classes,
-                 [&](const Vec& s0, const Vec& s1, const Vec& t0, const Vec& t1, int64_t j) {
-                   prefetch_ahead<scalar_t, Io::kBlock>(student + j);
-                   prefetch_ahead<scalar_t, Io::kBlock>(teacher + j);
-                   const Vec es0 = kd_vexp2(at::vec::fmadd(s0, scale2_v, neg_base_s));
-                   const Vec es1 = kd_vexp2(at::vec::fmadd(s1, scale2_v, neg_base_s));
-                   const Vec et0 = kd_vexp2(at::vec::fmadd(t0, scale2_v, neg_base_t));
-                   const Vec et1 = kd_vexp2(at::vec::fmadd(t1, scale2_v, neg_base_t));
-                   const Vec g0 = at::vec::fmsub(es0, factor_s, et0 * factor_t);
-                   const Vec g1 = at::vec::fmsub(es1, factor_s, et1 * factor_t);
-                   Io::store_block(grad + j, std::min<int64_t>(Io::kBlock, num_classes - j), g0, g1);
-                 });
+  auto sweep = [&](auto exp_of_student, auto exp_of_teacher) {
+    for_each_block(student, teacher, num_classes,
+                   [&](const Vec& s0, const Vec& s1, const Vec& t0, const Vec& t1, int64_t j) {
+                     prefetch_ahead<scalar_t, Io::kBlock>(student + j);
+                     prefetch_ahead<scalar_t, Io::kBlock>(teacher + j);
+                     const Vec g0 = at::vec::fmsub(exp_of_student(s0), factor_s, exp_of_teacher(t0) * factor_t);
+                     const Vec g1 = at::vec::fmsub(exp_of_student(s1), factor_s, exp_of_teacher(t1) * factor_t);
+                     Io::store_block(grad + j, std::min<int64_t>(Io::kBlock, num_classes - j), g0, g1);
+                   });
+  };
+  if (stats.student.max == acc_t(0) && stats.teacher.max == acc_t(0)) {
+    // Base 0 (the direct pass): the exact-product exp, as pass 1 computed it.
+    auto exp_direct = [&](const Vec& x) { return kd_vexp2_product(x, scale2_v); };
+    sweep(exp_direct, exp_direct);
+  } else {
+    sweep([&](const Vec& x) { return kd_vexp2(at::vec::fmadd(x, scale2_v, neg_base_s)); },
+          [&](const Vec& x) { return kd_vexp2(at::vec::fmadd(x, scale2_v, neg_base_t)); });
+  }
 }
 
 template <typename scalar_t>
@@ -499,9 +665,13 @@ void kd_kernel_typed(const KDCpuArgs& args) {
         exp_t = exp_s + padded;
         tile_max_s = exp_t + padded;
         tile_max_t = tile_max_s + num_tiles;
-        stats = kd_head_pass1<scalar_t, true>(s, t, classes, inv_tau, exp_s, exp_t, tile_max_s, tile_max_t);
-      } else {
-        stats = kd_head_pass1<scalar_t, false>(s, t, classes, inv_tau, nullptr, nullptr, nullptr, nullptr);
+        if (!kd_head_pass1_direct<scalar_t, true>(s, t, classes, inv_tau, exp_s, exp_t, tile_max_s, tile_max_t,
+                                                  stats)) {
+          stats = kd_head_pass1_online<scalar_t, true>(s, t, classes, inv_tau, exp_s, exp_t, tile_max_s, tile_max_t);
+        }
+      } else if (!kd_head_pass1_direct<scalar_t, false>(s, t, classes, inv_tau, nullptr, nullptr, nullptr, nullptr,
+                                                         stats)) {
+        stats = kd_head_pass1_online<scalar_t, false>(s, t, classes, inv_tau, nullptr, nullptr, nullptr, nullptr);
       }
       const acc_t kl = kd::kd_finalize_kl(stats.student, stats.teacher, stats.a_term);
       task_loss[task] = weight * tau * tau * kl;
