@@ -7,10 +7,18 @@ PIL's antialiased bilinear filter (what torchvision's RandomResizedCrop does
 on PIL images), flip. Workers return uint8 HWC arrays; the main process
 normalises on the target device, which moves 4x fewer bytes between processes
 (and over PCIe) than float tensors would.
+
+Workers start from a fork server that has imported this module, not by forking
+the caller: a process that also runs DALI pipelines (or any threads holding
+locks) cannot pass a held lock to a worker, which with plain fork deadlocks
+the worker. As with any non-fork start method, a script that iterates
+`ProxyImages` with workers must keep its top-level code under
+`if __name__ == "__main__":`.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,6 +91,14 @@ class _BatchPlan(torch.utils.data.Sampler):
         return len(self.batches)
 
 
+def _worker_context():
+    ctx = multiprocessing.get_context("forkserver")
+    # The server imports torch, PIL and this module once; each worker is then
+    # a cheap fork of that clean, single-threaded process.
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
 def _stack(samples: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(samples))
 
@@ -102,7 +118,8 @@ class PilBatches:
         extra = {}
         if num_workers > 0:
             # Persistent workers: one fork per dataset, not one per epoch.
-            extra = dict(persistent_workers=True, prefetch_factor=max(1, prefetch))
+            extra = dict(persistent_workers=True, prefetch_factor=max(1, prefetch),
+                         multiprocessing_context=_worker_context())
         self._loader = torch.utils.data.DataLoader(
             _WindowDataset(image_size), batch_sampler=self._plan, num_workers=num_workers,
             collate_fn=_stack, pin_memory=device.type == "cuda", **extra)
