@@ -167,9 +167,28 @@ def run_variant(variant: str, folder: str, epochs: int) -> dict:
         iterable = ProxyImages(folder, image_size=SIZE, batch_size=BATCH, augment="rrc_flip",
                                backend=variant.split("_")[1], num_threads=WORKERS, device="cpu")
 
+    loader = iterable if variant == "pil_torchvision" else getattr(getattr(iterable, "_runner", None), "_loader", None)
+
+    def worker_pids():
+        # DataLoader workers (the baseline forks them; rcfast's PIL backend
+        # starts them from a fork server, so they are not our children and
+        # RUSAGE_CHILDREN would miss them): read their usage from /proc.
+        it = getattr(loader, "_iterator", None)
+        return [w.pid for w in getattr(it, "_workers", [])]
+
+    def proc_cpu_seconds(pid):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def proc_peak_rss_mib(pid):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
     def cpu_seconds():
-        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        return me.ru_utime + me.ru_stime + sum(proc_cpu_seconds(p) for p in worker_pids())
 
     for batch in iterable:  # warm-up: worker start, pipeline build, page cache
         assert batch.shape[1:] == (3, SIZE, SIZE)
@@ -178,18 +197,12 @@ def run_variant(variant: str, folder: str, epochs: int) -> dict:
         for batch in iterable:
             images += batch.shape[0]
     wall = time.perf_counter() - t0
-    if variant in ("pil_torchvision",):
-        del iterable  # joins the persistent workers, so their CPU time is counted
-    elif variant == "rcfast_pil":
-        del iterable._runner._loader
-    import gc
-    gc.collect()
     cpu = cpu_seconds() - c0
-    kids_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    workers_rss = [proc_peak_rss_mib(p) for p in worker_pids()]
     return {"variant": variant, "images": images, "seconds": wall, "images_per_s": images / wall,
             "cpu_ms_per_image": 1e3 * cpu / images,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "worker_peak_rss_mib": kids_rss}
+            "worker_peak_rss_mib": max(workers_rss, default=0.0), "workers": len(workers_rss)}
 
 
 def main() -> None:

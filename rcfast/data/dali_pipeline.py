@@ -16,13 +16,14 @@ are not used, so nothing depends on DALI's seeds or thread scheduling.
 
 On a CPU, when every window is a whole integer box (augment "rrc_flip" and
 "none"), the resampling is done by torch instead of `fn.resize`: DALI decodes
-the boxes and one finishing thread resizes each with
+the boxes and a finishing thread resizes each with
 `F.interpolate(..., mode="bilinear", antialias=True)` on uint8 channels-last
 tensors (torch's vectorised path, about 5x cheaper per image than DALI's CPU
-resize here and designed to match PIL's filter), flips and normalises. That
-thread runs torch with one intra-op thread (an OpenMP setting of that thread
-only, so the caller's torch threads are untouched) and hands finished batches
-over through a queue of `prefetch` batches. Fractional windows ("center") and
+resize here and designed to match PIL's filter), flips and normalises, image
+by image over `num_threads` pool threads that each run torch with one
+intra-op thread (an OpenMP setting of those threads only, so the caller's
+torch threads are untouched). Finished batches wait in a queue of `prefetch`
+batches. Fractional windows ("center") and
 GPUs keep the all-DALI graph.
 """
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -83,6 +85,8 @@ class DaliBatches:
         self._std = [255.0 * s for s in std]
         self._mean_t = torch.tensor(self._mean, dtype=torch.float32).view(1, 3, 1, 1)
         self._std_t = torch.tensor(self._std, dtype=torch.float32).view(1, 3, 1, 1)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_size = 0
         # DALI writes float16 itself; bfloat16 is not a DALI type, so it is
         # produced from float32 on the torch side.
         self._dali_dtype = types.FLOAT16 if dtype == torch.float16 else types.FLOAT
@@ -146,6 +150,13 @@ class DaliBatches:
     # ------------------------------------------- CPU: DALI decode, torch resample
     def _iterate_torch_resample(self, batches):
         pipe = self._build(batches, decode_only=True)
+        if self._pool is None:
+            # One torch intra-op thread per finishing thread (an OpenMP setting
+            # of that thread only): many small resizes would otherwise spin
+            # OpenMP teams against DALI's decoding threads.
+            self._pool_size = self.num_threads
+            self._pool = ThreadPoolExecutor(self._pool_size, thread_name_prefix="rcfast-dali-finish",
+                                            initializer=torch.set_num_threads, initargs=(1,))
         finished: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
 
@@ -159,9 +170,6 @@ class DaliBatches:
             return False
 
         def finish_batches():
-            # One intra-op thread for this thread's many small resizes: more
-            # would only spin against DALI's decoding threads.
-            torch.set_num_threads(1)
             try:
                 for b in batches:
                     (slices,) = pipe.run()
@@ -184,18 +192,29 @@ class DaliBatches:
             del pipe
 
     def _finish(self, slices, flips) -> torch.Tensor:
-        """Decoded boxes (uint8 HWC) -> resized, flipped, normalised NCHW batch."""
+        """Decoded boxes (uint8 HWC) -> resized, flipped, normalised NCHW batch.
+
+        Images are finished one by one, each entirely in cache (resize, flip,
+        convert, normalise), split over `num_threads` threads: torch releases
+        the GIL, so they run in parallel with each other and with DALI.
+        """
         n, size = len(slices), self.image_size
-        # NHWC storage seen as NCHW: channels-last, the layout of torch's fast
-        # uint8 antialiased resize.
-        batch_u8 = torch.empty((n, size, size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
-        for i in range(n):
-            image = torch.from_numpy(np.asarray(slices[i])).permute(2, 0, 1).unsqueeze(0)
-            if image.shape[-2:] != (size, size):
-                image = F.interpolate(image, size=(size, size), mode="bilinear",
-                                      antialias=True, align_corners=False)
-            batch_u8[i] = image[0].flip(-1) if flips[i] else image[0]
         out = torch.empty((n, 3, size, size), dtype=torch.float32)
-        out.copy_(batch_u8)
-        out.sub_(self._mean_t).div_(self._std_t)
+        mean, std = self._mean_t[0], self._std_t[0]
+
+        def finish(lo: int, hi: int) -> None:
+            for i in range(lo, hi):
+                # HWC storage seen as CHW: channels-last, the layout of torch's
+                # fast uint8 antialiased resize.
+                image = torch.from_numpy(np.asarray(slices[i])).permute(2, 0, 1).unsqueeze(0)
+                if image.shape[-2:] != (size, size):
+                    image = F.interpolate(image, size=(size, size), mode="bilinear",
+                                          antialias=True, align_corners=False)
+                out[i].copy_(image[0].flip(-1) if flips[i] else image[0])
+                out[i].sub_(mean).div_(std)
+
+        chunks = np.linspace(0, n, self._pool_size + 1).astype(int)
+        futures = [self._pool.submit(finish, lo, hi) for lo, hi in zip(chunks[:-1], chunks[1:]) if hi > lo]
+        for f in futures:
+            f.result()
         return out if self.dtype == torch.float32 else out.to(self.dtype)
