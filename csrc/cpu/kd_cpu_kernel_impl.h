@@ -8,17 +8,24 @@
 // rcfast::cpu::<CPU_CAPABILITY>. kd_cpu.cpp picks one at runtime.
 //
 // Algorithm (DESIGN.md "The kernel algorithm"), one task per (row, head):
-//   pass 1, classes in tiles of kTile: the tile's max of the raw logits (from
-//     memory), merged into the running max (rescaling the running sums), then
-//     exps relative to the running max (the tile is in L1 now): Σexp for
-//     student and teacher and A = Σ exp(x_t - m_t)(x_t - x_s). The loss
-//     KL = A/l_t - lse_t + lse_s needs nothing more.
+//   pass 1, the loss. Usually one sweep (kd_head_pass1_direct): when the
+//     logits are within about ±44 tau of 0 — checked afterwards from maxima
+//     gathered on the way — exps can be taken relative to 0 instead of the
+//     max, so no max pass is needed: Σexp for student and teacher and
+//     A = Σ exp(x_t)(x_t - x_s) in one read of the logits. Otherwise
+//     (kd_head_pass1_online, the general algorithm), classes in tiles of
+//     kTile: the tile's max of the raw logits, merged into the running max
+//     (rescaling the running sums), then exps relative to it (the tile is in
+//     L1 by then). Either way KL = A/l_t - lse_t + lse_s needs nothing more.
 //   pass 2, only when compute_grad: g = coef (softmax_s - softmax_t) in the
 //     student's dtype. CPU specialisation: when a thread-local scratch of
-//     2 * C_h floats fits the memory budget (see scratch_budget_elems), pass 1
-//     stores its exps there and pass 2 only rescales them per tile (no exp
-//     recomputed, logits not read again). Otherwise pass 2 re-reads the
-//     logits and recomputes the exps (wide heads / tiny batches).
+//     2 * C_h floats fits the memory budget (5% of the gradient, over all
+//     threads), pass 1 stores its exps there and pass 2 only rescales them
+//     (no exp recomputed, logits not read again). Otherwise pass 2 re-reads
+//     the logits and recomputes the exps (wide heads / tiny batches).
+// Exps are base-2 with log2(e) folded into the scale (kd_vexp2*), a short
+// inline polynomial rather than a call into Sleef; the exp throughput is
+// what bounds this kernel once the logits stream from memory.
 // Per-(row, head) losses go to a [B, H] buffer and are reduced in a fixed
 // order after the parallel loop, so results are bitwise identical for any
 // thread count.
