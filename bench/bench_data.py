@@ -205,6 +205,22 @@ def run_variant(variant: str, folder: str, epochs: int) -> dict:
             "worker_peak_rss_mib": max(workers_rss, default=0.0), "workers": len(workers_rss)}
 
 
+NOTES = """
+Notes:
+- images/s is wall clock and moves with whatever else runs on the machine (the
+  2-core development machine is shared); CPU ms / image (user + sys of the
+  process and its DataLoader workers, read from /proc) is what a pipeline costs
+  and is the steadier figure.
+- `rcfast_dali` on a CPU: DALI decodes only each crop box (`fn.decoders.image_slice`),
+  torch's uint8 antialiased bilinear resize finishes the images (DALI's CPU
+  `fn.resize` cost ~2 ms/image here, more than the decode); it matches PIL to
+  one grey level. `dali_reader` is the plain all-DALI graph for comparison.
+- Peak RSS: DALI's libraries and buffers live in the main process; the PIL
+  variants add one process per worker (shared library pages are counted in
+  each worker's RSS).
+"""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -261,6 +277,13 @@ def main() -> None:
         rounds = ", ".join(f"{x['images_per_s']:.0f}" for x in runs)
         lines.append(f"| {v} | {ips:.0f} | {rounds} | {ratio} | {cpu:.2f} | {eff} | {rss:.0f} | "
                      f"{wrss:.0f} |" if wrss else f"| {v} | {ips:.0f} | {rounds} | {ratio} | {cpu:.2f} | {eff} | {rss:.0f} | - |")
+    if base:
+        per_round = [f"{r['images_per_s'] / b['images_per_s']:.2f}x"
+                     for r, b in zip(results.get("rcfast_dali", []), results["pil_torchvision"])]
+        if per_round:
+            lines.append(f"\nrcfast_dali / pil_torchvision per round (same round, run back to back): "
+                         f"{', '.join(per_round)}.")
+    lines.append(NOTES)
     lines.append("\nReproduce: `python bench/bench_data.py` (from the repository root, in the project venv).")
     text = "\n".join(lines) + "\n"
     print(text)

@@ -112,16 +112,26 @@ class ProxyImages:
         dtype: torch.float32, torch.float16 or torch.bfloat16.
         backend: "auto" (DALI when importable and able to decode every image,
             else PIL with one warning saying why), "dali" or "pil".
-        num_threads: DALI threads, or PIL DataLoader worker processes (0 loads
-            in the main process).
+        num_threads: DALI decoding threads (and, on a CPU, as many threads
+            finishing the resize/normalise in torch), or PIL DataLoader worker
+            processes (0 loads in the main process). PIL workers start from a
+            fork server, so scripts must keep their top-level code under
+            `if __name__ == "__main__":`.
         shuffle: reshuffle every epoch; default True for "rrc_flip", False
             otherwise.
         prefetch: batches prepared ahead (DALI prefetch queue depth, DataLoader
             prefetch factor).
 
     Iterating yields one epoch, continuing from the current position (see
-    `state_dict`); finishing an epoch advances `epoch` by one. Unreadable files
-    are found once (cached), reported in one warning and skipped.
+    `state_dict`); finishing an epoch advances `epoch` by one. Batches depend
+    only on (seed, epoch, shard settings), bitwise, for each backend; the DALI
+    and PIL backends agree to about one grey level. Unreadable files are found
+    once (cached), reported in one warning and skipped.
+
+    Resume: save `state_dict()` with the checkpoint (it counts the batches
+    handed out, including the one being trained on), and after
+    `load_state_dict(state)` the next iteration yields exactly the remaining
+    batches of that epoch, without reading the skipped ones.
     """
 
     def __init__(self, source, image_size: int = 224, batch_size: int = 64, device="auto",
