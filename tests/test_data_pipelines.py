@@ -1,5 +1,8 @@
 """rcfast.data.ProxyImages batches: both backends, their agreement, sharding, determinism, resume."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -266,3 +269,28 @@ def test_cuda_batches(photo_folder, backend):
     ds = ProxyImages(photo_folder, image_size=32, batch_size=4, labels=False, backend=backend, device="cuda")
     batch = next(iter(ds))
     assert batch.is_cuda and batch.shape == (4, 3, 32, 32)
+
+
+
+@pytest.mark.parametrize("backend,augment", [("dali", None)])  # the path with finishing threads
+def test_iterating_leaves_torch_thread_count_alone(mixed_folder, backend, augment):
+    """The pipeline's own threads must not change the training process's
+    intra-op thread count. torch.set_num_threads called in any thread sets the
+    default that every thread, the main one included, picks up when it first
+    runs a parallel op, so this runs in a fresh process, as a trainer would."""
+    _need(backend)
+    code = (
+        "import sys, torch\n"
+        "from rcfast.data import ProxyImages\n"
+        "if __name__ == '__main__':\n"
+        "    torch.set_num_threads(2)\n"
+        "    ds = ProxyImages(sys.argv[1], image_size=32, batch_size=4, backend=sys.argv[2],\n"
+        "                     augment=None if sys.argv[3] == 'none' else sys.argv[3], num_threads=2)\n"
+        "    for _ in ds:\n"
+        "        pass\n"
+        "    print(torch.get_num_threads())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(mixed_folder), backend, augment or "none"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == "2"

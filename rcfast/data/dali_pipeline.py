@@ -151,12 +151,11 @@ class DaliBatches:
     def _iterate_torch_resample(self, batches):
         pipe = self._build(batches, decode_only=True)
         if self._pool is None:
-            # One torch intra-op thread per finishing thread (an OpenMP setting
-            # of that thread only): many small resizes would otherwise spin
-            # OpenMP teams against DALI's decoding threads.
+            # No torch.set_num_threads here, not even in the pool's own threads:
+            # it changes the intra-op thread count of the whole process, so the
+            # training step would silently run on one thread.
             self._pool_size = self.num_threads
-            self._pool = ThreadPoolExecutor(self._pool_size, thread_name_prefix="rcfast-dali-finish",
-                                            initializer=torch.set_num_threads, initargs=(1,))
+            self._pool = ThreadPoolExecutor(self._pool_size, thread_name_prefix="rcfast-dali-finish")
         finished: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
 
