@@ -294,3 +294,11 @@ def test_iterating_leaves_torch_thread_count_alone(mixed_folder, backend, augmen
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[-1] == "2"
+
+
+def test_pil_iteration_does_not_draw_on_the_global_rng(mixed_folder):
+    ds = ProxyImages(mixed_folder, image_size=32, batch_size=8, backend="pil", num_threads=1)
+    state = torch.get_rng_state()
+    for _ in ds:
+        pass
+    assert torch.equal(torch.get_rng_state(), state)

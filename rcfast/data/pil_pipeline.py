@@ -120,9 +120,13 @@ class PilBatches:
             # Persistent workers: one fork per dataset, not one per epoch.
             extra = dict(persistent_workers=True, prefetch_factor=max(1, prefetch),
                          multiprocessing_context=_worker_context())
+        # All randomness comes from the plan; the loader's own generator only
+        # seeds workers, and a private one keeps it from drawing on the global
+        # torch RNG whenever an iterator starts (which would shift a resumed
+        # run's RNG stream against an uninterrupted one).
         self._loader = torch.utils.data.DataLoader(
             _WindowDataset(image_size), batch_sampler=self._plan, num_workers=num_workers,
-            collate_fn=_stack, pin_memory=device.type == "cuda", **extra)
+            collate_fn=_stack, pin_memory=device.type == "cuda", generator=torch.Generator(), **extra)
 
     def iterate(self, batches):
         """Yield one normalised image tensor per plan batch, in order."""
