@@ -65,7 +65,7 @@ void advise_huge_pages(const at::Tensor& tensor) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHugePage = uintptr_t(1) << 21;
   const size_t nbytes = tensor.numel() * tensor.element_size();
-  if (nbytes < 4 * kHugePage) return;
+  if (nbytes < 2 * kHugePage) return;
   const auto begin = reinterpret_cast<uintptr_t>(tensor.const_data_ptr());
   const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
   const uintptr_t last = (begin + nbytes) & ~(kHugePage - 1);

@@ -218,6 +218,8 @@ inline Vectorized<acc_t> kd_vexp2(const Vectorized<acc_t>& y) {
 // 2^(x * c), with the fraction f = x c - n taken by an FMA from the exact
 // product: as accurate for |x c| ~ 60 as for small arguments (a rounded
 // product would lose |x c| * 2^-24 in the exponent). Same cost as kd_vexp2.
+// Unlike kd_vexp2 it keeps NaN (the direct pass relies on a NaN or infinite
+// sum to fall back) and overflows to +inf; -inf and arguments below -125 give 0.
 template <typename acc_t>
 inline Vectorized<acc_t> kd_vexp2_product(const Vectorized<acc_t>& x, const Vectorized<acc_t>& c) {
 #if defined(RCFAST_KD_OWN_EXP2)
@@ -225,16 +227,20 @@ inline Vectorized<acc_t> kd_vexp2_product(const Vectorized<acc_t>& x, const Vect
     const Vectorized<float> y = x * c;
 #if defined(CPU_CAPABILITY_AVX512)
     const __m512 lowest = _mm512_set1_ps(-125.0f);
-    const __mmask16 in_range = _mm512_cmp_ps_mask(y, lowest, _CMP_GE_OQ);
+    const __mmask16 keep = _mm512_cmp_ps_mask(y, lowest, _CMP_NLT_UQ);  // y >= -125 or NaN
     const __m512 n = _mm512_roundscale_ps(_mm512_max_ps(y, lowest), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    // Out-of-range lanes get a meaningless f (never denormal); they are zeroed.
+    // Dropped lanes get a meaningless f (never denormal); NaN lanes a NaN f.
     const __m512 f = _mm512_fmsub_ps(x, c, n);
-    return Vectorized<float>(_mm512_maskz_scalef_ps(in_range, exp2_poly(f), n));
+    return Vectorized<float>(_mm512_maskz_scalef_ps(keep, exp2_poly(f), n));
 #else
     const __m256 lowest = _mm256_set1_ps(-125.0f);
-    const __m256 in_range = _mm256_cmp_ps(y, lowest, _CMP_GE_OQ);
-    const __m256 n = _mm256_round_ps(_mm256_max_ps(y, lowest), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    return Vectorized<float>(exp2_scale(exp2_poly(_mm256_fmsub_ps(x, c, n)), n, in_range));
+    const __m256 keep = _mm256_cmp_ps(y, lowest, _CMP_NLT_UQ);
+    // Clamped above too: 2^n must stay a valid exponent field (2^127 * 2^f >= 2^127 rounds to +inf later).
+    const __m256 n = _mm256_round_ps(_mm256_min_ps(_mm256_max_ps(y, lowest), _mm256_set1_ps(127.0f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 big = _mm256_cmp_ps(y, _mm256_set1_ps(128.0f), _CMP_GE_OQ);
+    const __m256 value = exp2_scale(exp2_poly(_mm256_fmsub_ps(x, c, n)), n, keep);
+    return Vectorized<float>(_mm256_blendv_ps(value, _mm256_set1_ps(INFINITY), big));
 #endif
   }
 #endif
@@ -411,22 +417,21 @@ inline KDHeadStats<typename KDAcc<scalar_t>::type> kd_head_pass1_online(
   return stats;
 }
 
-// Range of max(logit) * log2(e) / tau, per tensor, in which the direct pass
-// is exact to float precision: exps 2^(x log2 e) relative to 0 instead of the
-// max neither overflow (sums <= C 2^64) nor lose any class that matters (the
-// flush to 0 at 2^-125 is 2^-45 below the largest term).
-constexpr double kDirectMaxLow = -80.0;
-constexpr double kDirectMaxHigh = 64.0;
+// Smallest sum of exps the direct pass accepts: with sum >= 2^-60 the
+// largest term is >= 2^-78 (C <= 2^18), so the flush to 0 below 2^-125 only
+// drops terms 2^-47 below it.
+constexpr double kDirectMinSum = 8.673617379884035e-19;  // 2^-60
 
-// Pass 1 in one sweep, for the common case of logits within ±44 tau of 0:
-// exps relative to 0 (no max is needed first), while the maxima and a NaN
-// probe are gathered on the side to check that case afterwards. Returns false
-// (stats untouched; the caller runs kd_head_pass1_online) when the check
-// fails: logits out of that range, NaN, or a non-finite sum or A (e.g. a
-// student -inf where the teacher has mass, whose +inf the online pass gets
-// right). On success stats hold sums relative to base 0 (max = 0), and with
-// kStoreExps the exps and zero tile maxima are in the scratch, exactly as the
-// online pass would leave them for pass 2.
+// Pass 1 in one sweep, for the common case of logits within about ±40 tau of
+// 0: exps relative to 0 instead of the max, so no max pass is needed — Σexp of
+// student and teacher and A in one read of the logits. Whether that case
+// holds is read off the results: every sum finite (no exp overflowed, no NaN
+// — kd_vexp2_product keeps NaN) and not tiny (the terms that matter were not
+// flushed). Otherwise (large or very negative logits, NaN, or a student -inf
+// where the teacher has mass, whose +inf needs the exact algorithm) it
+// returns false and the caller runs kd_head_pass1_online. On success stats
+// hold sums relative to base 0 (max = 0), and with kStoreExps the exps and
+// zero tile maxima are in the scratch, as the online pass would leave them.
 template <typename scalar_t, bool kStoreExps>
 inline bool kd_head_pass1_direct(const scalar_t* student, const scalar_t* teacher, int64_t num_classes,
                                  typename KDAcc<scalar_t>::type inv_tau, typename KDAcc<scalar_t>::type* exp_student,
@@ -438,34 +443,24 @@ inline bool kd_head_pass1_direct(const scalar_t* student, const scalar_t* teache
   using acc_t = typename Io::acc_t;
   using Vec = typename Io::Vec;
   constexpr int64_t W = Io::kWidth;
-  const Vec neg_inf(kd::kd_neg_inf<acc_t>());
   const Vec zero(acc_t(0));
-  const Vec inv_tau_v(inv_tau);
-  const acc_t scale2 = inv_tau * static_cast<acc_t>(1.4426950408889634);
-  const Vec scale2_v(scale2);
-  const Vec nan_probe_scale(static_cast<acc_t>(7.888609052210118e-31));  // 2^-100, see kd_head_pass1_online
+  const Vec scale2_v(inv_tau * static_cast<acc_t>(1.4426950408889634));
 
-  Vec max_s0 = neg_inf, max_s1 = neg_inf, max_t0 = neg_inf, max_t1 = neg_inf;
-  Vec probe0 = zero, probe1 = zero;
   Vec sum_s0 = zero, sum_s1 = zero, sum_t0 = zero, sum_t1 = zero, a0 = zero, a1 = zero;
   for_each_block(student, teacher, num_classes,
                  [&](const Vec& s0, const Vec& s1, const Vec& t0, const Vec& t1, int64_t j) {
                    prefetch_ahead<scalar_t, Io::kBlock>(student + j);
                    prefetch_ahead<scalar_t, Io::kBlock>(teacher + j);
-                   max_s0 = at::vec::clamp_min(s0, max_s0);
-                   max_s1 = at::vec::clamp_min(s1, max_s1);
-                   max_t0 = at::vec::clamp_min(t0, max_t0);
-                   max_t1 = at::vec::clamp_min(t1, max_t1);
-                   probe0 = at::vec::fmadd(s0 + t0, nan_probe_scale, probe0);
-                   probe1 = at::vec::fmadd(s1 + t1, nan_probe_scale, probe1);
                    const Vec es0 = kd_vexp2_product(s0, scale2_v), es1 = kd_vexp2_product(s1, scale2_v);
                    const Vec et0 = kd_vexp2_product(t0, scale2_v), et1 = kd_vexp2_product(t1, scale2_v);
                    sum_s0 = sum_s0 + es0;
                    sum_s1 = sum_s1 + es1;
                    sum_t0 = sum_t0 + et0;
                    sum_t1 = sum_t1 + et1;
-                   a0 = fmadd_where_positive(et0, at::vec::fmsub(t0, inv_tau_v, s0 * inv_tau_v), a0);
-                   a1 = fmadd_where_positive(et1, at::vec::fmsub(t1, inv_tau_v, s1 * inv_tau_v), a1);
+                   // A / inv_tau = Σ e_t (t - s); an overflow of t - s makes A
+                   // infinite, and then the online pass takes over.
+                   a0 = fmadd_where_positive(et0, t0 - s0, a0);
+                   a1 = fmadd_where_positive(et1, t1 - s1, a1);
                    if constexpr (kStoreExps) {
                      es0.store(exp_student + j);
                      es1.store(exp_student + j + W);
@@ -473,17 +468,12 @@ inline bool kd_head_pass1_direct(const scalar_t* student, const scalar_t* teache
                      et1.store(exp_teacher + j + W);
                    }
                  });
-  const acc_t max2_s = hmax(at::vec::clamp_min(max_s0, max_s1)) * scale2;
-  const acc_t max2_t = hmax(at::vec::clamp_min(max_t0, max_t1)) * scale2;
   const acc_t sum_s = hsum(sum_s0 + sum_s1);
   const acc_t sum_t = hsum(sum_t0 + sum_t1);
-  const acc_t a_term = hsum(a0 + a1);
-  const bool in_range = max2_s >= kDirectMaxLow && max2_s <= kDirectMaxHigh && max2_t >= kDirectMaxLow &&
-                        max2_t <= kDirectMaxHigh;  // false for NaN maxima
-  if (!in_range || kd::kd_isnan(hsum(probe0 + probe1)) || !std::isfinite(sum_s) || !std::isfinite(sum_t) ||
-      !std::isfinite(a_term)) {
-    return false;
-  }
+  const acc_t a_term = hsum(a0 + a1) * inv_tau;
+  const bool usable = std::isfinite(sum_s) && std::isfinite(sum_t) && std::isfinite(a_term) &&
+                      sum_s >= static_cast<acc_t>(kDirectMinSum) && sum_t >= static_cast<acc_t>(kDirectMinSum);
+  if (!usable) return false;
   stats.student = {acc_t(0), sum_s};
   stats.teacher = {acc_t(0), sum_t};
   stats.a_term = a_term;
