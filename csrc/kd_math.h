@@ -168,6 +168,7 @@ RCFAST_HOST_DEVICE inline T kd_finalize_kl(const KDSoftmaxState<T>& student,
 template <typename T>
 RCFAST_HOST_DEVICE inline T kd_grad_factor(T coef, T block_max, const KDSoftmaxState<T>& final_state) {
   if (final_state.max == kd_neg_inf<T>() || block_max == kd_neg_inf<T>()) return T(0);
+  if (block_max == final_state.max) return coef / final_state.sum;  // exp(0): skip the call
   return coef * kd_exp(block_max - final_state.max) / final_state.sum;
 }
 
