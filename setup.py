@@ -20,7 +20,7 @@ from setuptools import setup
 
 PACKAGES = [
     "rcfast", "rcfast.ops", "rcfast.losses", "rcfast.models", "rcfast.data",
-    "rcfast.train", "rcfast.eval", "rcfast.select", "rcfast.kernels",
+    "rcfast.train", "rcfast.eval", "rcfast.kernels",
 ]
 
 
