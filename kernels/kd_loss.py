@@ -189,12 +189,14 @@ def _kl_from_stats(m_s, l_s, m_t, l_t, a):
     subtracted first so that large logits do not cancel in float32. Degenerate
     heads as in the reference: a student ``-inf`` on every class (``l_s == 0``)
     gives ``+inf`` (the formula would be ``inf - inf``); a teacher ``-inf`` on every
-    class (``l_t == 0``) has no distribution, so the head adds 0, which wins.
+    class (``l_t == 0``) has no distribution, so the head adds 0, which wins
+    (unless the student has a NaN: NaN in, NaN out).
     Tests are ``== 0``, never ``> 0``, so that NaN sums stay NaN.
     """
     kl = a / l_t - (_shift(m_t) - _shift(m_s)) - tl.log(l_t) + tl.log(l_s)
     kl = tl.where(l_s == 0.0, float("inf"), kl)
-    return tl.where(l_t == 0.0, 0.0, kl)
+    # A NaN student logit shows as a NaN l_s: it stays NaN even in a masked head.
+    return tl.where(l_t == 0.0, tl.where(l_s != l_s, l_s, 0.0), kl)
 
 
 @triton.jit
@@ -447,7 +449,7 @@ def _merge_partials(partial: torch.Tensor):
     sum_a = torch.where(weight_t == 0, zero, a * weight_t).sum(dim=-1)
     kl = sum_a / sum_t - (shift_t - shift_s) - torch.log(sum_t) + torch.log(sum_s)
     kl = torch.where(sum_s == 0, torch.full_like(kl, float("inf")), kl)
-    kl = torch.where(sum_t == 0, zero, kl)
+    kl = torch.where(sum_t == 0, torch.where(torch.isnan(sum_s), sum_s, zero), kl)
     row_stats = torch.stack([shift_s, torch.log(sum_s), shift_t, torch.log(sum_t)], dim=-1)
     return kl, row_stats.contiguous()
 

@@ -198,6 +198,19 @@ def test_fully_masked_teacher_head_adds_nothing(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_fully_masked_teacher_head_with_student_nan_is_nan(backend):
+    student, teacher = on_device(backend, *make_logits(2, (3, 4), torch.float32, seed=20))
+    teacher[0, :3] = float("-inf")
+    student[0, 1] = float("nan")
+    teacher[1, :3] = float("-inf")  # masked, no NaN: adds 0
+    with torch.no_grad():
+        loss = rcfast.multihead_kd_loss(student, teacher, splits=[3, 4], reduction="none", backend=backend)
+    ref = rcfast.multihead_kd_loss(student, teacher, splits=[3, 4], reduction="none", backend="reference")
+    assert torch.isnan(loss[0]) and torch.isfinite(loss[1])
+    torch.testing.assert_close(loss[1], ref[1])
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_student_head_all_minus_inf_is_inf(backend):
     student, teacher = on_device(backend, *make_logits(2, (5, 9), torch.float32, seed=19))
     student[0, :5] = float("-inf")

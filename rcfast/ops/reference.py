@@ -15,7 +15,7 @@ student -inf where the teacher has mass gives +inf. NaN in gives NaN out.
 Degenerate heads, where a softmax is undefined:
 
 - teacher logits all -inf: no distribution to match; the head adds 0 (loss and
-  gradient);
+  gradient), or NaN if the student has a NaN there;
 - student logits all -inf (teacher not fully masked): the loss is +inf; the
   gradient of such a row is unspecified (kernels give ``-w*tau*p_t``, this
   reference 0) and is not compared in tests.
@@ -55,6 +55,7 @@ def reference_row_losses(
         # head's loss explicitly.
         teacher_masked = torch.isneginf(x_teacher).all(dim=1, keepdim=True)
         student_empty = torch.isneginf(x_student).all(dim=1, keepdim=True)
+        student_nan = torch.isnan(x_student).any(dim=1)
         x_teacher = torch.where(teacher_masked, 0.0, x_teacher)
         x_student = torch.where(student_empty, 0.0, x_student)
 
@@ -70,7 +71,9 @@ def reference_row_losses(
         )
         kl = pointwise.sum(dim=1)
         kl = torch.where(student_empty.squeeze(1), float("inf"), kl)
-        kl = torch.where(teacher_masked.squeeze(1), 0.0, kl)
+        # A fully masked head adds 0, unless the student brings a NaN: NaN in, NaN out.
+        masked_value = torch.where(student_nan, float("nan"), 0.0).to(compute_dtype)
+        kl = torch.where(teacher_masked.squeeze(1), masked_value, kl)
         head_loss = (w * tau * tau) * kl
         rows = head_loss if rows is None else rows + head_loss
     return rows
