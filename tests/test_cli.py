@@ -23,12 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO / "configs").glob("*.yaml"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models run fastest (and reproducibly) on one thread (fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])

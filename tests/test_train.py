@@ -17,13 +17,8 @@ from rcfast.train.checkpoint import capture_rng_state, latest_checkpoint, restor
 from rcfast.train.optim import build_optimizer, warmup_cosine
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest (and reproducibly) on one thread; restore afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models run fastest (and reproducibly) on one thread (fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _teachers(seed: int = 0) -> dict[str, nn.Module]:
