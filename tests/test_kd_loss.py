@@ -461,3 +461,25 @@ def test_available_backends_lists_reference_first():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         rcfast.available_backends()  # asking is silent
+
+
+def test_backend_probe_is_marked_constant_for_dynamo():
+    """backends.py marks its availability probe the way torch.compiler.assume_constant_result
+    does, without importing torch._dynamo at import time; a torch that changes the marker
+    fails here (test_torch_compile_fullgraph would fail too)."""
+    from rcfast.ops.backends import unavailable_reason
+
+    def probe():
+        return None
+
+    marked = torch.compiler.assume_constant_result(probe)
+    assert getattr(marked, "_dynamo_marked_constant", False) is True
+    assert unavailable_reason._dynamo_marked_constant is True
+
+
+def test_import_does_not_load_dynamo():
+    code = "import sys, rcfast; print('torch._dynamo' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

@@ -39,9 +39,21 @@ def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# Under torch.compile, Dynamo must not trace the imports behind this answer (it
-# refuses importlib): it calls the function once at trace time and keeps the result.
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """What ``torch.compiler.assume_constant_result`` does, without its cost.
+
+    Under torch.compile, Dynamo must not trace the imports behind a backend's
+    availability (it refuses importlib): a function so marked is called once at
+    trace time and its result kept. The public decorator only sets this marker,
+    but calling it imports torch._dynamo (2.3 s here), which a codebase that
+    imports just the loss should not pay. tests/test_kd_loss.py checks that the
+    public decorator still sets exactly this marker.
+    """
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def unavailable_reason(backend: str) -> str | None:
     """``None`` if ``backend`` works here, else why not (for error messages)."""
     if backend == "reference":
