@@ -27,6 +27,7 @@ from torch._subclasses.functional_tensor import FunctionalTensorMode
 
 import rcfast
 from rcfast.ops.kernel_contract import REDUCTION_CODES, fake_kernel, register_kernel_op_meta
+from rcfast.ops.reference import reduce_row_losses
 
 __all__ = ["multihead_kd_fwd_triton", "kernels_are_interpreted", "QUALNAME"]
 
@@ -77,6 +78,7 @@ if _KERNEL_REDUCTION_CODES != REDUCTION_CODES:
         f"kernel contract's {REDUCTION_CODES}")
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_REDUCTION_NAMES = {code: name for name, code in REDUCTION_CODES.items()}
 
 
 @torch.library.triton_op(QUALNAME, mutates_args=())
@@ -98,7 +100,6 @@ def _multihead_kd_fwd_triton(
                  lambda: "head_offsets must be int64 [H + 1]")
     if reduction not in REDUCTION_CODES.values():
         raise ValueError(f"reduction must be one of {REDUCTION_CODES}, got {reduction}")
-    num_rows = student.shape[0]
     num_heads = head_offsets.shape[0] - 1
     # The kernels index rows as base + row * N: make the layout that (no copy when
     # it already is, which is what rcfast.multihead_kd_loss passes).
@@ -110,14 +111,7 @@ def _multihead_kd_fwd_triton(
     # Per-row losses, then the contract's reduction, with plain torch ops over a
     # [B, H] buffer: deterministic (no atomics), reproducible run to run.
     row_losses = head_losses.sum(dim=1)
-    if reduction == REDUCTION_CODES["none"]:
-        return row_losses, grad
-    total = row_losses.sum()
-    if reduction == REDUCTION_CODES["batchmean"]:
-        total = total / num_rows
-    elif reduction == REDUCTION_CODES["mean"]:
-        total = total / (num_rows * num_heads)
-    return total, grad
+    return reduce_row_losses(row_losses, _REDUCTION_NAMES[reduction], num_heads), grad
 
 
 def kernels_are_interpreted() -> bool:
