@@ -183,5 +183,14 @@ RCFAST_HOST_DEVICE inline T kd_grad_element(T coef, T x_student, T lse_student, 
   return coef * (p_s - p_t);
 }
 
+// The reduction's scale (rcfast/ops/kernel_contract.py: none 0, sum 1, mean 2,
+// batchmean 3), which the kernels fold into the gradient: 1 for none and sum,
+// 1/B for batchmean, 1/(B*H) for mean.
+inline double kd_reduction_scale(long long reduction, long long batch, long long num_heads) {
+  if (reduction == 3) return 1.0 / static_cast<double>(batch);
+  if (reduction == 2) return 1.0 / (static_cast<double>(batch) * static_cast<double>(num_heads));
+  return 1.0;
+}
+
 }  // namespace kd
 }  // namespace rcfast

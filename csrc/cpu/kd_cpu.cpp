@@ -26,6 +26,7 @@
 #endif
 
 #include "kd_cpu.h"
+#include "kd_math.h"
 
 namespace rcfast {
 namespace cpu {
@@ -143,9 +144,7 @@ std::tuple<at::Tensor, at::Tensor> multihead_kd_fwd_cpu(const at::Tensor& studen
                                  : at::empty({0}, student.options());
   if (compute_grad) advise_huge_pages(grad);
 
-  double grad_scale = 1.0;  // none and sum
-  if (reduction == 3) grad_scale = 1.0 / static_cast<double>(batch);
-  if (reduction == 2) grad_scale = 1.0 / (static_cast<double>(batch) * static_cast<double>(num_heads));
+  const double grad_scale = kd::kd_reduction_scale(reduction, batch, num_heads);
 
   const KDCpuArgs args{student_c, teacher_c, offsets, taus, head_weights, num_heads,
                        reduction, grad_scale, compute_grad, loss, grad};

@@ -16,6 +16,7 @@
 
 #include <tuple>
 
+#include "../kd_math.h"
 #include "kd_loss_cuda.h"
 
 namespace rcfast {
@@ -69,9 +70,7 @@ std::tuple<at::Tensor, at::Tensor> multihead_kd_fwd_cuda(const at::Tensor& stude
   const at::Tensor temperatures_c = temperatures.contiguous();
   const at::Tensor weights_c = weights.contiguous();
 
-  double grad_scale = 1.0;  // none and sum
-  if (reduction == 3) grad_scale = 1.0 / static_cast<double>(batch);
-  if (reduction == 2) grad_scale = 1.0 / (static_cast<double>(batch) * static_cast<double>(num_heads));
+  const double grad_scale = kd::kd_reduction_scale(reduction, batch, num_heads);
 
   at::Tensor head_loss = at::empty({batch, num_heads}, student.options().dtype(at::kFloat));
   at::Tensor grad = compute_grad ? at::empty_like(student_c) : at::empty({0}, student.options());
