@@ -17,11 +17,11 @@ library) could change, for tests.
 from __future__ import annotations
 
 import os
-import random
 from dataclasses import dataclass
 
-import numpy as np
 import torch
+
+from rcfast.train.checkpoint import capture_rng_state, seed_everything
 
 __all__ = ["RuntimeSettings", "apply_runtime", "check_runtime", "process_state", "CUBLAS_WORKSPACE"]
 
@@ -66,9 +66,7 @@ def apply_runtime(settings) -> RuntimeSettings:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     if settings.seed is not None:
-        random.seed(settings.seed)
-        np.random.seed(settings.seed % 2**32)
-        torch.manual_seed(settings.seed)
+        seed_everything(settings.seed)
     return settings
 
 
@@ -92,8 +90,6 @@ def check_runtime(settings, device: torch.device) -> None:
 
 def process_state() -> dict:
     """A snapshot of the process-wide state runs could touch (compare two snapshots with ``==``)."""
-    from rcfast.train.checkpoint import capture_rng_state
-
     rng = capture_rng_state()
     return {
         "num_threads": torch.get_num_threads(),

@@ -109,8 +109,6 @@ class InputPlan:
         self.head_sizes = dict(head_sizes)
         self.device = device
         self.autocast = autocast
-        # Fails now, naming the valid layers, rather than at the first step.
-        LayerCapture(student, self.student_layers, owner="the student")
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self.device, non_blocking=True)

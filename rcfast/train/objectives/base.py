@@ -21,21 +21,19 @@ how YAML ``objective: [{term: <name>, ...}]`` entries find them.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
 from torch import nn
 
-from rcfast.train.config import ConfigError
+from rcfast.train.config import PROXY_STREAM, ConfigError
 from rcfast.train.hooks import LayerCapture, unknown_layer_message
 from rcfast.train.objectives.inputs import (InputKey, Labels, StepInputs, StudentLayer, StudentLogits, TeacherLayer,
                                             TeacherLogits)
 
 __all__ = ["Term", "TermSetup", "RunLayout", "StreamInfo", "ModelsUnavailable", "register_term", "term_class",
            "available_terms"]
-
-PROXY_STREAM = "proxy"
 
 _TERMS: dict[str, type["Term"]] = {}
 
@@ -117,7 +115,6 @@ class RunLayout:
     student: nn.Module | None = None
     teacher_models: Mapping[str, nn.Module] | None = None
     example_images: torch.Tensor | None = None
-    extras: dict = field(default_factory=dict)
 
     @property
     def models_known(self) -> bool:

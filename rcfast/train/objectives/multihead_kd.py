@@ -65,7 +65,9 @@ class MultiHeadKD(Term):
             raise TypeError(f"heads must be null, a list of heads or a {{head: teacher}} mapping, got {heads!r}")
         _check_per_head("temperature", temperature, positive=True)
         _check_per_head("head_weights", head_weights, positive=False)
-        self.heads_option, self.temperature, self.head_weights, self.data = heads, temperature, head_weights, data
+        # The options as given; bind() resolves them against the run's heads.
+        self.heads_option, self.temperature_option, self.head_weights_option = heads, temperature, head_weights
+        self.data = data
 
     def bind(self, setup: TermSetup) -> None:
         option = self.heads_option
@@ -90,8 +92,8 @@ class MultiHeadKD(Term):
         self.head_names = list(pairs)
         stream = setup.stream(self.data)
         self.splits = [setup.heads[h] for h in self.head_names]
-        self.temperatures = per_head(setup, "temperature", self.temperature, self.head_names)
-        self.weights_per_head = per_head(setup, "head_weights", self.head_weights, self.head_names)
+        self.temperatures = per_head(setup, "temperature", self.temperature_option, self.head_names)
+        self.weights_per_head = per_head(setup, "head_weights", self.head_weights_option, self.head_names)
         self.backend = setup.loss_backend
         self.student_key = setup.need(StudentLogits(stream, tuple(self.head_names)))
         self.teacher_key = setup.need(TeacherLogits(stream, tuple(pairs.values())))
