@@ -14,7 +14,8 @@ from helpers import TensorProxy, toy_images
 from helpers.terms import RegressionProbe  # noqa: F401  (registers regression_probe)
 from rcfast.models import build_classifier, build_student
 from rcfast.ops.multihead_kd import multihead_kd_loss
-from rcfast.train import ConfigError, Consolidator, OptimConfig, TrainConfig, config_from_dict, read_metrics
+from rcfast.train import (ConfigError, Consolidator, OnlineTeachers, OptimConfig, TrainConfig, config_from_dict,
+                          read_metrics)
 from rcfast.train.objectives import (Images, Labels, Objective, StepInputs, StudentLayer, StudentLogits,
                                      TeacherLayer, TeacherLogits, Term, available_terms, register_term)
 from rcfast.train.step_inputs import select_columns
@@ -395,3 +396,26 @@ def test_the_extending_guide_examples_run(tmp_path):
     record = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
     assert set(record["terms"]) == {"multihead_kd", "logit_mse", "feature_hint"}
     assert all(v > 0 for v in record["terms"].values())
+
+
+# --------------------------------------------------------------------------- the teacher source interface
+class RecordingSource(OnlineTeachers):
+    """Online teachers that record what the trainer asks for (as a cache would receive it)."""
+
+    def __init__(self, teachers):
+        super().__init__(teachers)
+        self.requests = []
+
+    def __call__(self, request):
+        self.requests.append((request.stream, request.step, request.teachers, request.position))
+        return super().__call__(request)
+
+
+def test_a_teacher_source_gets_each_batch_position_once_per_step(tmp_path):
+    source = RecordingSource(_teachers())
+    images, labels = toy_images(24, 3, image_size=16, seed=1)  # 3 batches of 8 per epoch
+    trainer = _trainer(tmp_path, [{"term": "multihead_kd"}], teachers=source, steps=4,
+                       data=TensorProxy(images, labels, batch_size=8, labels=True))
+    trainer.fit()
+    assert source.requests == [("proxy", step, ("task", "generalist"), position)
+                               for step, position in enumerate([(0, 0), (0, 1), (0, 2), (1, 0)])]

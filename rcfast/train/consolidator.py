@@ -231,7 +231,8 @@ class Consolidator:
         self.model.train()
         self.objective.train()
         batches = {name: self.streams[name].next() for name in self.inputs.streams}
-        step_inputs = self.inputs.compute(batches, self.step)
+        positions = {name: self.streams[name].position() for name in self.inputs.streams}
+        step_inputs = self.inputs.compute(batches, self.step, positions)
         loss, values = self.objective_model(step_inputs)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()

@@ -113,8 +113,13 @@ class InputPlan:
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self.device, non_blocking=True)
 
-    def compute(self, batches: Mapping[str, object], step: int) -> StepInputs:
-        """The declared inputs for one step from ``{stream: batch}`` (a batch of every stream in ``self.streams``)."""
+    def compute(self, batches: Mapping[str, object], step: int,
+                positions: Mapping[str, tuple[int, int] | None] | None = None) -> StepInputs:
+        """The declared inputs for one step from ``{stream: batch}`` (a batch of every stream in ``self.streams``).
+
+        ``positions``: ``{stream: (epoch, batch index)}`` of those batches, passed on to the teacher source.
+        """
+        positions = positions or {}
         images, labels = {}, {}
         for stream in self.streams:
             x, y = _split_batch(batches[stream], stream)
@@ -125,7 +130,7 @@ class InputPlan:
         teacher_logits, teacher_layers = {}, {}
         for stream, (order, layers) in self.teacher_plan.items():
             out = self.teachers(TeacherRequest(stream=stream, step=step, images=images[stream], teachers=order,
-                                               layers=layers))
+                                               layers=layers, position=positions.get(stream)))
             teacher_logits[stream] = out.logits
             teacher_layers.update({(stream,) + key: value for key, value in out.layers.items()})
 

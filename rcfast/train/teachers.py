@@ -81,7 +81,10 @@ class TeacherRequest:
 
     ``teachers``: whose logits, packed side by side in this order;
     ``layers``: ``{teacher: (layer, ...)}`` intermediate outputs to capture;
-    ``stream``/``step``: where the images come from (a cache keys on these);
+    ``stream``/``step``: where the images come from; ``position``: the
+    batch's ``(epoch, batch index in the epoch)`` in its stream when the
+    dataset reports it (with the dataset's ``epoch_indices(epoch)`` it names
+    the samples -- what a cache of teacher outputs is keyed on);
     ``images``: the batch on the training device.
     """
 
@@ -90,6 +93,7 @@ class TeacherRequest:
     images: torch.Tensor
     teachers: tuple[str, ...]
     layers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    position: tuple[int, int] | None = None
 
 
 @dataclass
