@@ -31,14 +31,18 @@ def _teachers(seed: int = 0) -> dict[str, nn.Module]:
     return teachers
 
 
-def _distiller(tmp_path, steps: int = 4, precision: str = "fp32", lr: float = 3e-3, **train_kwargs) -> Consolidator:
+def _distiller(tmp_path, steps: int = 4, precision: str = "fp32", lr: float = 3e-3, teacher_source: bool = False,
+               **train_kwargs) -> Consolidator:
     images, _ = toy_images(48, 6, image_size=16, seed=1)
     torch.manual_seed(0)
     student = build_student("small_cnn", {"task": 3, "generalist": 6}, width=4)
     train = TrainConfig(max_steps=steps, out_dir=str(tmp_path / "run"), resume="none", progress=False,
                         log_every=1, precision=precision, **train_kwargs)
     objective = [{"term": "multihead_kd", "temperature": {"task": 2.0, "generalist": 4.0}}]
-    return Consolidator(student, objective, TensorProxy(images, batch_size=16), teachers=_teachers(), train=train,
+    teachers = _teachers()
+    if teacher_source:  # what from_config passes: a TeacherSource with the configured class counts
+        teachers = OnlineTeachers(teachers, num_classes={"task": 3, "generalist": 6})
+    return Consolidator(student, objective, TensorProxy(images, batch_size=16), teachers=teachers, train=train,
                         optim=OptimConfig(lr=lr, warmup_steps=0))
 
 
@@ -90,12 +94,17 @@ def test_supervised_multitask_loss_decreases(tmp_path):
     assert first["epoch"] == {"a": 0, "b": 0} and trainer.inputs.student_streams == ["a", "b"]
 
 
-def test_bf16_autocast_on_cpu(tmp_path):
-    trainer = _distiller(tmp_path, steps=2, precision="bf16")
-    seen = []
+@pytest.mark.parametrize("teachers_as", ["modules", "teacher-source"])
+def test_bf16_autocast_on_cpu(tmp_path, teachers_as):
+    trainer = _distiller(tmp_path, steps=2, precision="bf16",
+                         teacher_source=teachers_as == "teacher-source")
+    seen, teacher_seen = [], []
     trainer.student.heads.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    for teacher in trainer.teachers.models.values():  # teachers run in the run's precision too
+        teacher.heads.register_forward_hook(lambda m, i, o: teacher_seen.append(o.dtype))
     summary = trainer.fit()
     assert seen and all(dtype == torch.bfloat16 for dtype in seen)
+    assert len(teacher_seen) == 4 and all(dtype == torch.bfloat16 for dtype in teacher_seen)
     assert math.isfinite(summary["loss"])
     assert all(p.dtype == torch.float32 for p in trainer.student.parameters())  # master weights stay fp32
     assert not trainer.scaler.is_enabled()  # bf16 needs no loss scaling

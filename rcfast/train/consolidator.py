@@ -112,7 +112,9 @@ class Consolidator:
         elif isinstance(teachers, TeacherSource):
             self.teachers = teachers
         else:
-            self.teachers = OnlineTeachers(teachers, autocast=self._autocast)
+            self.teachers = OnlineTeachers(teachers)
+        if isinstance(self.teachers, OnlineTeachers) and self.teachers.autocast is None:
+            self.teachers.autocast = self._autocast  # teachers run in the run's precision
         if self.teachers is not None:
             self.teachers.to(self.device)
         self.student = student.to(self.device)

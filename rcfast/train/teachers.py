@@ -142,11 +142,12 @@ class OnlineTeachers(TeacherSource):
         teachers: ``{name: module}``; each maps images to ``[B, C_t]`` logits.
         num_classes: ``{name: C_t}`` (default: the ``out_features`` of each
             model's last ``nn.Linear``); checked against the logits every step.
-        autocast: a zero-argument callable returning the autocast context.
+        autocast: a zero-argument callable returning the autocast context
+            (default ``None``: the trainer's, set by the ``Consolidator``).
     """
 
     def __init__(self, teachers: Mapping[str, nn.Module], num_classes: Mapping[str, int] | None = None,
-                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
+                 autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> None:
         if not isinstance(teachers, Mapping):
             raise TypeError(f"teachers must be a {{name: nn.Module}} mapping, got {type(teachers).__name__}")
         for name, module in teachers.items():
@@ -188,7 +189,8 @@ class OnlineTeachers(TeacherSource):
         """Packed logits of ``request.teachers`` for ``request.images`` (a view of a reused buffer)."""
         images = request.images
         packed, start, layers = None, 0, {}
-        with torch.inference_mode(), self.autocast():
+        autocast = self.autocast or contextlib.nullcontext
+        with torch.inference_mode(), autocast():
             for name in request.teachers:
                 size = self.num_classes[name]
                 wanted = request.layers.get(name, ())
