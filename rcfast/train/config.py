@@ -127,9 +127,12 @@ class OptimConfig:
 class TrainConfig:
     """The training loop: steps, precision, devices, logging, checkpoints.
 
-    ``num_threads``, ``deterministic`` and ``seed`` are process-wide; the
-    ``rcfast`` command applies them (:mod:`rcfast.train.runtime`) before any
-    model touches a device, and the trainer checks that they hold.
+    ``num_threads`` and ``deterministic`` are process-wide: the ``rcfast``
+    command applies them (:mod:`rcfast.train.runtime`, which also seeds the
+    process with ``seed``) before any model touches a device, and the trainer
+    only checks that they hold. ``seed`` also seeds the run itself (the
+    student's initialisation, terms' parameters, the data order), inside the
+    trainer's own RNG scope.
     """
 
     max_steps: int = 1000
