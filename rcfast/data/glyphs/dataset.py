@@ -355,9 +355,11 @@ def glyph_dataset(root, classes=None, *, scripts=None, classes_per_script=None, 
             raise ValueError(f"root {str(root)!r} already holds a glyph data set with other parameters "
                              f"(differing: {_differences(stored.get('spec', {}), spec)}); pass overwrite=True "
                              "to replace it, or choose another folder")
-        _remove_splits(root, stored.get("spec"))
+        # From here on the root reads as an interrupted build of the old
+        # parameters, so a crash while replacing it leaves nothing half-valid.
+        _write_json(marker_path, stored.get("spec", {}))
         manifest_path.unlink()
-    elif marker_path.exists():
+    if marker_path.exists():
         partial = _read_json(marker_path)
         if partial is None:
             raise ValueError(f"root {str(root)!r} holds a {MARKER} that is not a glyph build's; "
