@@ -465,3 +465,17 @@ def test_contact_sheet_has_one_row_per_script(tmp_path, test_font):
     sheet = contact_sheet(path, per_script=4, fonts=test_font, min_classes=1, zoom=1)
     assert path.exists() and sheet.size == (175 + 4 * 34, 3 * 34)
     assert os.path.getsize(path) < 200_000
+
+
+def test_noto_fonts_are_an_optional_extra(tmp_path, monkeypatch, test_font):
+    from rcfast.data.glyphs import fonts as fonts_module
+
+    folder = tmp_path / "noto"
+    folder.mkdir()
+    for name in ("NotoSansTest-Regular.ttf", "NotoSansTest-Light.ttf"):  # Light is not one of the 4 styles used
+        (folder / name).write_bytes(Path(test_font).read_bytes())
+    monkeypatch.setattr(fonts_module, "NOTO_DIRS", (str(folder), str(tmp_path / "not-installed")))
+    keys = [f.key for f in resolve_fonts(["matplotlib", "noto"])]
+    assert "NotoSansTest-Regular" in keys and "NotoSansTest-Light" not in keys and "DejaVuSans" in keys
+    monkeypatch.setattr(fonts_module, "NOTO_DIRS", (str(tmp_path / "not-installed"),))
+    assert [f.key for f in resolve_fonts(["matplotlib", "noto"])] == [f.key for f in resolve_fonts("matplotlib")]

@@ -62,6 +62,7 @@ from PIL import Image
 
 from ..sources import cache_dir
 from .fonts import FontFile, resolve_fonts
+from .pool import default_workers, map_in_processes
 from .render import Glyph, glyph_bitmap, pil_font
 
 CATALOG_VERSION = 4
@@ -300,8 +301,6 @@ def _analyses(fonts: list[FontFile], num_workers: int) -> dict[str, dict]:
     result = {f.key: _load_cached(f) for f in fonts}
     todo = [f for f in fonts if result[f.key] is None]
     if todo:
-        from .pool import map_in_processes
-
         if sum(os.path.getsize(f.path) for f in todo) < _PARALLEL_MIN_FONT_BYTES:
             num_workers = 1
         for font, analysis in zip(todo, map_in_processes(analyse_font, todo, num_workers)):
@@ -357,15 +356,3 @@ def load_catalog(fonts="matplotlib", precomposed: bool = True, num_workers: int 
         analyses = _analyses(resolved, default_workers(num_workers))
         _MEMO[memo_key] = assemble(resolved, analyses, precomposed)
     return _MEMO[memo_key]
-
-
-def default_workers(num_workers: int | None) -> int:
-    """`num_workers`, checked, or one per core available to this process."""
-    if num_workers is None:
-        try:
-            return max(1, len(os.sched_getaffinity(0)))
-        except AttributeError:  # not on Linux
-            return max(1, os.cpu_count() or 1)
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"num_workers must be a non-negative integer or None, got {num_workers!r}")
-    return num_workers

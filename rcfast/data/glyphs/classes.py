@@ -34,7 +34,8 @@ def resolve_script(catalog: GlyphCatalog, script) -> str:
                      f"(classes): {_describe(catalog)}")
 
 
-def _as_script_list(catalog: GlyphCatalog, scripts) -> list[str]:
+def resolve_scripts(catalog: GlyphCatalog, scripts) -> list[str]:
+    """A script name or a list of them, as the catalogue's names (each checked, none twice)."""
     if isinstance(scripts, str):
         scripts = [scripts]
     if not isinstance(scripts, Sequence) or not scripts:
@@ -86,7 +87,7 @@ def split_classes(scripts, sizes, seed: int = 0, exclude=(), fonts="matplotlib",
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     sizes = _check_sizes(sizes)
     catalog = load_catalog(fonts, precomposed)
-    names = _as_script_list(catalog, scripts)
+    names = resolve_scripts(catalog, scripts)
     excluded = set(exclude)
     by_script = catalog.scripts()
     pool = sorted((cid for name in names for cid in by_script[name] if cid not in excluded),
@@ -107,7 +108,7 @@ def split_classes(scripts, sizes, seed: int = 0, exclude=(), fonts="matplotlib",
 def classes_of_scripts(catalog: GlyphCatalog, scripts, classes_per_script, seed: int,
                        fonts, precomposed: bool) -> list[str]:
     """`classes_per_script` (int, {script: int} or None for all) classes of each script."""
-    names = _as_script_list(catalog, scripts)
+    names = resolve_scripts(catalog, scripts)
     if classes_per_script is None:
         counts = {name: None for name in names}
     elif isinstance(classes_per_script, Mapping):

@@ -40,9 +40,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .catalog import GlyphCatalog, default_workers, load_catalog
+from .catalog import GlyphCatalog, load_catalog
 from .classes import classes_of_scripts
-from .pool import map_in_processes
+from .pool import default_workers, map_in_processes
 from .render import GlyphRenderer, RenderParams
 
 FORMAT = "rcfast.glyphs"

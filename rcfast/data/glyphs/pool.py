@@ -12,6 +12,7 @@ code under `if __name__ == "__main__":`.
 from __future__ import annotations
 
 import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Iterator
 
@@ -45,3 +46,15 @@ def _pooled(fn: Callable, items: list, num_workers: int) -> Iterator:
     finally:
         if default_was_unset:
             multiprocessing.set_start_method(None, force=True)
+
+
+def default_workers(num_workers: int | None) -> int:
+    """`num_workers`, checked, or one per core available to this process."""
+    if num_workers is None:
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not on Linux
+            return max(1, os.cpu_count() or 1)
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be a non-negative integer or None, got {num_workers!r}")
+    return num_workers

@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .catalog import load_catalog
-from .classes import _as_script_list, split_classes
+from .classes import resolve_scripts, split_classes
 from .fonts import matplotlib_font_dir
 from .render import GlyphRenderer, RenderParams, pil_font
 
@@ -20,7 +20,7 @@ def contact_sheet(path, scripts=None, per_script: int = 16, seed: int = 0, image
     """
     catalog = load_catalog(fonts)
     counts = catalog.counts()
-    names = [n for n, c in counts.items() if c >= min_classes] if scripts is None else _as_script_list(catalog, scripts)
+    names = [n for n, c in counts.items() if c >= min_classes] if scripts is None else resolve_scripts(catalog, scripts)
     renderer = GlyphRenderer({f.key: f.path for f in catalog.fonts}, RenderParams(image_size=image_size))
     cell, label_width = image_size * zoom + 2, 175
     sheet = Image.new("RGB", (label_width + per_script * cell, len(names) * cell), "white")
