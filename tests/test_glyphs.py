@@ -479,3 +479,14 @@ def test_noto_fonts_are_an_optional_extra(tmp_path, monkeypatch, test_font):
     assert "NotoSansTest-Regular" in keys and "NotoSansTest-Light" not in keys and "DejaVuSans" in keys
     monkeypatch.setattr(fonts_module, "NOTO_DIRS", (str(tmp_path / "not-installed"),))
     assert [f.key for f in resolve_fonts(["matplotlib", "noto"])] == [f.key for f in resolve_fonts("matplotlib")]
+
+
+def test_a_missing_optional_dependency_is_named_before_any_work(tmp_path, monkeypatch, test_font):
+    import rcfast.extras
+    from rcfast.extras import MissingExtraError
+
+    real = rcfast.extras._importable
+    monkeypatch.setattr(rcfast.extras, "_importable", lambda module: module != "sklearn" and real(module))
+    with pytest.raises(MissingExtraError, match="scikit-learn"):
+        glyph_dataset(tmp_path / "never", classes=["U+0041"], fonts=test_font)
+    assert not (tmp_path / "never").exists()

@@ -60,6 +60,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from ...extras import require
 from ..sources import cache_dir
 from .fonts import FontFile, resolve_fonts
 from .pool import default_workers, map_in_processes
@@ -349,6 +350,8 @@ def load_catalog(fonts="matplotlib", precomposed: bool = True, num_workers: int 
     """
     if not isinstance(precomposed, bool):
         raise TypeError(f"precomposed must be True or False, got {precomposed!r}")
+    # matplotlib ships the fonts (and brings fontTools); scikit-learn the photographs.
+    require("rcfast.data.glyphs", "matplotlib", "fontTools", "sklearn")
     resolved = resolve_fonts(fonts)
     memo_key = (tuple(f.sha256 for f in resolved), tuple(f.key for f in resolved), precomposed,
                 _software_key(), str(cache_dir()))
