@@ -188,7 +188,11 @@ def test_linear_probe_score_separates_informative_from_noise_features():
 def test_rank_teachers_orders_known_relatedness(method):
     images, labels, prototypes = target_sample()
     teachers = teachers_of_known_relatedness(prototypes)
-    records = rank_teachers(teachers, images, labels, method=method)
+    calls = {name: [] for name in teachers}
+    for name, teacher in teachers.items():
+        teacher.register_forward_pre_hook(lambda *_, name=name: calls[name].append(torch.is_inference_mode_enabled()))
+    records = rank_teachers(teachers, images, labels, method=method, batch_size=64)
+    assert all(c == [True] * 3 for c in calls.values())  # each teacher: one pass (3 batches), inference mode
     assert [r.rank for r in records] == [1, 2, 3]
     assert all(r.method == method and r.seconds > 0 and r.cost_matrix.shape == (6, NUM_CLASSES) for r in records)
     scores = [r.score for r in records]

@@ -77,7 +77,8 @@ def _check_masses(name: str, masses: torch.Tensor) -> None:
     tolerance = _mass_sum_tolerance(masses.dtype, masses.shape[-1])
     worst = int(off.argmax())
     if off[worst] > tolerance:
-        where = "" if masses.dim() == 1 else f" (row {worst} of {masses.shape[0]}; {int((off > tolerance).sum())} rows off)"
+        rows_off = int((off > tolerance).sum())
+        where = "" if masses.dim() == 1 else f" (row {worst} of {masses.shape[0]}; {rows_off} rows off)"
         raise ValueError(f"{name}: masses must sum to 1, but sum to {sums[worst].item():.9g}{where}, "
                          f"off by {(sums[worst] - 1.0).item():+.3g} (tolerance {tolerance:.2g})")
 
@@ -327,7 +328,8 @@ class _Sinkhorn(torch.autograd.Function):
 def _warn_unconverged(error: torch.Tensor, max_iters: int, tol: float) -> None:
     worst = error.max().item()
     if worst >= tol and math.isfinite(worst):
-        warnings.warn(f"sinkhorn: marginal error {worst:.3g} is still above tol={tol:g} after max_iters={max_iters} "
+        # One text per setting (no measured value in it), so a training loop warns once, not every step.
+        warnings.warn(f"sinkhorn: the marginal error is still above tol={tol:g} after max_iters={max_iters} "
                       "iterations; raise max_iters or eps", RuntimeWarning, stacklevel=3)
 
 

@@ -8,7 +8,6 @@ forward hook reads the linear layer's input), in ``eval()`` mode under
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -143,7 +142,8 @@ def classifier_outputs(model: nn.Module, images, labels=None, *, batch_size: int
                 if len(captured) != 1:
                     raise ValueError(f"{name}: its final nn.Linear ran {len(captured)} times in one forward pass "
                                      "(expected once: it must be the classifier that produces the output)")
-                if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape != (x.shape[0], linear.out_features):
+                expected = (x.shape[0], linear.out_features)
+                if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape != expected:
                     shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                     raise ValueError(f"{name}: expected logits [{x.shape[0]}, {linear.out_features}] from the "
                                      f"final nn.Linear, got {shape}")
