@@ -36,6 +36,15 @@ def _write_classes(root: Path, per_class=(3, 2, 4), ext="png"):
     return root
 
 
+def _open_recording_warnings(root, **kwargs):
+    """ProxyImages(root, **kwargs) and the skip warning's text ('' when none)."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        ds = ProxyImages(root, **kwargs)
+    skips = _skip_warnings(record)
+    return ds, str(skips[0].message) if skips else ""
+
+
 def _skip_warnings(record):
     return [w for w in record if "not readable images" in str(w.message)]
 
@@ -318,10 +327,7 @@ def test_decompression_bomb_is_skipped_from_its_header_without_decoding(tmp_path
         return real_load(im)
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", load_but_not_the_bomb)
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        ds = ProxyImages(root, image_size=16, batch_size=4, backend=backend, num_threads=1)
-    message = str(_skip_warnings(record)[0].message)
+    ds, message = _open_recording_warnings(root, image_size=16, batch_size=4, backend=backend, num_threads=1)
     assert "skipping 1 of 4 files" in message
     assert "bomb.png (169000000 pixels (13000 x 13000) > max_pixels=89478485" in message
     assert ds.total_images == 3 and sum(len(b) for b in ds) == 3
@@ -372,10 +378,7 @@ def test_damaged_jpeg_entropy_data_is_reported_as_corrupt(tmp_path, backend):
     for name in helpers_images.damaged_jpegs():  # the failure: PIL decodes them without any error
         with Image.open(root / name) as im:
             im.load()
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        ds = ProxyImages(root, image_size=16, batch_size=4, backend=backend, num_threads=1)
-    message = str(_skip_warnings(record)[0].message)
+    ds, message = _open_recording_warnings(root, image_size=16, batch_size=4, backend=backend, num_threads=1)
     assert "skipping 3 of 6 files" in message
     assert "cut_middle.jpg (damaged JPEG data: Corrupt JPEG data: premature end of data segment)" in message
     assert "flipped_bits.jpg (damaged JPEG data: Corrupt JPEG data:" in message
