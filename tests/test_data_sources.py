@@ -463,3 +463,14 @@ def test_load_state_dict_rejects_malformed_states(tmp_path, state, match):
     with pytest.raises(ValueError, match=match):
         ds.load_state_dict(state)
     assert ds.state_dict()["batches_consumed"] == 0 and ds.epoch == 0
+
+
+def test_a_missing_jpeg_checker_is_named_before_any_file_is_checked(tmp_path, monkeypatch):
+    import sys
+    root = _write_classes(tmp_path / "data", per_class=(2,), ext="jpg")
+    monkeypatch.setitem(sys.modules, "simplejpeg", None)  # import now fails
+    calls = []
+    monkeypatch.setattr(sources, "_inspect", lambda p, m: calls.append(p))
+    with pytest.raises(ImportError, match="needs simplejpeg, which is not installed: pip install simplejpeg"):
+        ProxyImages(root, backend="pil")
+    assert calls == []

@@ -281,6 +281,9 @@ class DaliBatches:
         self.plan = plan
         self.batches_per_epoch = batches_per_epoch
         self.torch_resample = device.type == "cpu" and whole_box_windows
+        if self.torch_resample:
+            from rcfast.extras import require
+            require("the DALI CPU pipeline's finishing threads", "threadpoolctl")
         self._mean = [255.0 * m for m in mean]
         self._std = [255.0 * s for s in std]
         self._mean_t = torch.tensor(self._mean, dtype=torch.float32).view(3, 1, 1)

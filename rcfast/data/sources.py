@@ -226,12 +226,9 @@ def _orientation(im: Image.Image) -> int:
 
 
 def require_simplejpeg() -> None:
-    """Raise a clear ImportError when the JPEG checker (simplejpeg) is missing."""
-    try:
-        import simplejpeg  # noqa: F401
-    except ImportError as e:
-        raise ImportError("rcfast.data checks JPEGs with libjpeg-turbo through the simplejpeg package, "
-                          "which is not installed: pip install simplejpeg (or rcfast[data])") from e
+    """Raise a clear error, before any file is checked, when the JPEG checker (simplejpeg) is missing."""
+    from rcfast.extras import require
+    require("rcfast.data's image check (JPEGs are checked with libjpeg-turbo)", "simplejpeg")
 
 
 def _jpeg_warning(path: str) -> str | None:
