@@ -471,6 +471,6 @@ def test_a_missing_jpeg_checker_is_named_before_any_file_is_checked(tmp_path, mo
     monkeypatch.setitem(sys.modules, "simplejpeg", None)  # import now fails
     calls = []
     monkeypatch.setattr(sources, "_inspect", lambda p, m: calls.append(p))
-    with pytest.raises(ImportError, match="needs simplejpeg, which is not installed: pip install simplejpeg"):
+    with pytest.raises(ImportError, match=r"needs simplejpeg, which is not installed: pip install 'rcfast\[data\]'"):
         ProxyImages(root, backend="pil")
     assert calls == []
