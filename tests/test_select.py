@@ -233,3 +233,17 @@ def test_rank_teachers_on_a_labeled_iterable_needs_a_fixed_order():
     with pytest.raises(ValueError, match="different labels for teacher 'related'"):
         rank_teachers(teachers, TensorProxy(images, labels, batch_size=16, labels=True, drop_last=False),
                       num_classes=NUM_CLASSES)
+
+
+def test_a_missing_extra_is_named_before_any_teacher_runs(monkeypatch):
+    import rcfast.extras
+
+    images, labels, prototypes = target_sample(num=40)
+    teachers = teachers_of_known_relatedness(prototypes)
+    calls = []
+    teachers["related"].register_forward_pre_hook(lambda *_: calls.append(1))
+    monkeypatch.setattr(rcfast.extras, "_importable", lambda module: module != "sklearn")
+    with pytest.raises(rcfast.extras.MissingExtraError, match=r"linear_probe.*scikit-learn.*rcfast\[train\]"):
+        rank_teachers(teachers, images, labels, method="linear_probe")
+    assert not calls
+    assert rank_teachers(teachers, images, labels, method="leep")  # the others need no extra

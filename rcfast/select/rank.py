@@ -13,9 +13,10 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from rcfast.extras import require
 from rcfast.select.cost import METRICS, prototype_cost
 from rcfast.select.outputs import check_labels, classifier_outputs, final_linear
-from rcfast.select.scores import leep_score, linear_probe_score, ot_score
+from rcfast.select.scores import LINEAR_PROBE_MODULES, leep_score, linear_probe_score, ot_score
 
 __all__ = ["TeacherScore", "METHODS", "rank_teachers"]
 
@@ -84,6 +85,8 @@ def rank_teachers(teachers: Mapping[str, nn.Module], images, labels=None, *, met
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if method == "linear_probe":
+        require("rank_teachers(method='linear_probe')", *LINEAR_PROBE_MODULES)
     if not isinstance(teachers, Mapping) or not teachers:
         raise ValueError("teachers must be a non-empty mapping {name: classifier}")
     for name, teacher in teachers.items():

@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rcfast.extras import require
+
 __all__ = ["TeacherSpec", "Skipped", "read_repository", "EXTERNAL_BUILDER_KWARGS", "SPEC_KEYS"]
 
 SPEC_KEYS = ("builder", "num_classes", "builder_kwargs", "checkpoint")
@@ -114,6 +116,7 @@ def read_repository(directory) -> list[TeacherSpec | Skipped]:
     :class:`Skipped` too, so nothing in the folder is silently ignored.
     Raises ``FileNotFoundError`` if the folder does not exist.
     """
+    require("a teacher repository (its YAML files)", "yaml")
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"--repo: {directory} is not a folder")

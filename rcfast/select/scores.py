@@ -18,10 +18,14 @@ import math
 
 import torch
 
+from rcfast.extras import require
 from rcfast.ops.sinkhorn import sinkhorn
 from rcfast.select.outputs import check_labels
 
-__all__ = ["ot_score", "leep_score", "linear_probe_score"]
+__all__ = ["ot_score", "leep_score", "linear_probe_score", "LINEAR_PROBE_MODULES"]
+
+#: what the linear-probe score imports (the [train] extra)
+LINEAR_PROBE_MODULES = ("numpy", "sklearn", "threadpoolctl")
 
 
 def _check_logits(logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -71,6 +75,7 @@ def leep_score(logits: torch.Tensor, labels: torch.Tensor, num_classes: int | No
 def linear_probe_score(features: torch.Tensor, labels: torch.Tensor, *, test_fraction: float = 0.5,
                        seed: int = 0) -> float:
     """Test accuracy of :func:`rcfast.eval.linear_probe` on a stratified split of the sample."""
+    require("the linear-probe score", *LINEAR_PROBE_MODULES)
     from sklearn.model_selection import train_test_split
 
     from rcfast.eval.linear_probe import linear_probe
