@@ -70,6 +70,7 @@ def test_low_precision_logits(dtype):
     assert value.item() == pytest.approx(reference.item(), abs=2e-5)
 
 
+@pytest.mark.slow
 def test_minimising_it_moves_the_student_onto_the_mapped_classes():
     """Teacher class k costs nothing to student class k % 3 and 1 elsewhere: descending the
     loss makes the student predict the mapped class of the teacher's prediction."""

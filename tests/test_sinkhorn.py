@@ -114,6 +114,7 @@ def test_zero_mass_entries_match_pot():
 
 
 # --------------------------------------------------------------------------- structured problems
+@pytest.mark.slow
 def test_structured_problems():
     # Identical histograms and a zero diagonal: the cost tends to 0 as eps -> 0.
     a = histograms(1, 6, seed=12)
