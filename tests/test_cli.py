@@ -110,7 +110,7 @@ def _teacher_checkpoint(tmp_path: Path, num_classes: int = 5) -> Path:
     ("unknown builder", r"teacher 'a': cannot build 'resnet9000'.*unknown model 'resnet9000'"),
     ("head size", r"teacher 'a': checkpoint .*a\.pt does not fit builder 'small_cnn' with num_classes=7"),
     ("missing file", r"teacher 'a': checkpoint file .*missing\.pt does not exist"),
-    ("not weights", r"teacher 'a': .*not a loadable weights-only checkpoint"),
+    ("not weights", r"teacher 'a': checkpoint .*code\.pt is not a loadable weights-only checkpoint: it holds code"),
 ], ids=["unknown-builder", "head-size", "missing-file", "not-weights"])
 def test_bad_teachers_are_clear_errors(tmp_path, capsys, case, message):
     _teacher_checkpoint(tmp_path)

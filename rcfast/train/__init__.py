@@ -1,4 +1,9 @@
 """The consolidation trainer: ``Consolidator``, its objectives, configs, checkpoints, runtime and DDP set-up."""
+from rcfast.extras import require
+
+require("rcfast.train", "numpy", "yaml", "tqdm")  # before anything below imports them
+
+# ruff: noqa: E402
 from rcfast.train.checkpoint import atomic_save, isolated_rng, latest_checkpoint, load_checkpoint
 from rcfast.train.config import (ConfigError, DataConfig, OptimConfig, RunConfig, StudentConfig, TaskConfig,
                                  TeacherConfig, TrainConfig, config_from_dict, config_to_dict, dump_config,
