@@ -177,21 +177,21 @@ def save_checkpoint_file(state: dict, path: str | Path) -> Path:
     return atomic_save(state, path)
 
 
-def _load_failure(exc: BaseException) -> str:
-    """Why ``torch.load(weights_only=True)`` failed, in one line a user can act on."""
+def _load_failure(exc: BaseException, path: Path) -> str:
+    """Why ``torch.load(weights_only=True)`` failed on ``path``, in one line a user can act on."""
     text = str(exc)
-    if isinstance(exc, EOFError):
-        return "the file ends early (truncated)"
-    if "central directory" in text or "zip archive" in text:
-        return "truncated, or not a torch checkpoint (its zip archive is incomplete)"
-    if "data.pkl" in text or "not in a subdirectory" in text or isinstance(exc, zipfile.BadZipFile):
-        return "a zip archive, but not a torch checkpoint"
     if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
         if found:
             return (f"it holds code or objects other than tensors and plain data ({found.group(1)}), refused: "
                     "a checkpoint is data, never code (torch.load weights_only=True)")
         return "not a torch checkpoint (it does not unpickle as tensors and plain data)"
+    if isinstance(exc, EOFError):
+        return "the file ends early (truncated)"
+    if zipfile.is_zipfile(path):  # a complete zip archive torch cannot read as a checkpoint
+        return "a zip archive, but not a torch checkpoint"
+    if "central directory" in text or "zip archive" in text:
+        return "truncated, or not a torch checkpoint (its zip archive is incomplete)"
     first = " ".join(text.split())[:300]
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
@@ -221,7 +221,7 @@ def load_checkpoint(path: str | Path, map_location="cpu", *, what: str = "checkp
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # every failure mode of a bad file: report which, without a traceback
-        raise CheckpointError(f"{what} {path} is not a loadable weights-only checkpoint: {_load_failure(exc)}") \
+        raise CheckpointError(f"{what} {path} is not a loadable weights-only checkpoint: {_load_failure(exc, path)}") \
                 from exc
     if not isinstance(obj, dict):
         return obj

@@ -33,7 +33,7 @@ import yaml
 __all__ = [
     "ConfigError", "StudentConfig", "TeacherConfig", "DataConfig", "TaskConfig", "OptimConfig",
     "TrainConfig", "RunConfig", "load_config", "config_from_dict", "config_to_dict", "dump_config",
-    "apply_overrides", "PROXY_STREAM", "check_plain_data", "normalized_config_dict", "MAX_CONFIG_BYTES",
+    "apply_overrides", "PROXY_STREAM", "parse_yaml", "read_config_text", "check_plain_data", "normalized_config_dict", "MAX_CONFIG_BYTES",
     "MAX_CONFIG_VALUES",
 ]
 
@@ -43,10 +43,14 @@ OPTIMIZERS = ("adamw", "adam", "sgd", "lamb")
 OPTIMIZER_IMPLS = ("auto", "torch", "apex")
 DATA_BACKENDS = ("auto", "dali", "pil")
 DIST_BACKENDS = ("auto", "nccl", "gloo")
-MAX_CONFIG_BYTES = 4 << 20
-"""A run config is a small text file; anything larger is refused before it is parsed."""
-MAX_CONFIG_VALUES = 200_000
+MAX_CONFIG_BYTES = 256 << 10
+"""A run config is a small text file (a few KiB); anything larger is refused before it is parsed."""
+MAX_CONFIG_VALUES = 50_000
 """How many values a config may hold once YAML aliases are expanded (a "billion laughs" file holds 10**9)."""
+MAX_CONFIG_DEPTH = 64
+"""How deeply a config's YAML may nest (deep flow nesting crashes or stalls YAML parsers)."""
+# libyaml's loader when PyYAML has it (fast); both construct plain data only, like yaml.safe_load.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 _MAX_SEED = 2**63 - 1
 
@@ -478,6 +482,31 @@ def config_from_dict(data: dict) -> RunConfig:
     return _from_dict(RunConfig, data).validate()
 
 
+def parse_yaml(text: str, where: str):
+    """``yaml.safe_load(text)``, after a streaming pass that refuses deep nesting and huge value counts.
+
+    The pass reads parser events (no recursion, no objects built), so a hostile
+    text fails in milliseconds instead of crashing the C loader or stalling the
+    Python one; alias bombs are caught after loading by :func:`check_plain_data`.
+    """
+    depth = events = 0
+    try:
+        for event in yaml.parse(text, Loader=_YAML_LOADER):
+            events += 1
+            if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+                depth += 1
+                if depth > MAX_CONFIG_DEPTH:
+                    raise ConfigError(f"{where} nests more than {MAX_CONFIG_DEPTH} levels deep; a run config is "
+                                      "nearly flat")
+            elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+                depth -= 1
+            if events > 2 * MAX_CONFIG_VALUES:
+                raise ConfigError(f"{where} holds more than {MAX_CONFIG_VALUES} values; a run config is small")
+        return yaml.load(text, Loader=_YAML_LOADER)  # noqa: S506  (a safe loader: plain data only)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where} is not valid YAML: {' '.join(str(exc).split())}") from None
+
+
 def check_plain_data(data, what: str = "the config", limit: int = MAX_CONFIG_VALUES) -> int:
     """Count the values of a parsed config with aliases expanded; refuse bombs and self-references.
 
@@ -555,13 +584,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         keys = dotted.strip().split(".")
         if not all(keys):
             raise ConfigError(f"--set {dotted!r}: a key path is dot-separated names, like train.max_steps")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {dotted}: value {raw!r} is not valid YAML: {' '.join(str(exc).split())}") \
-                from None
-        except RecursionError:
-            raise ConfigError(f"--set {dotted}: value is nested too deeply") from None
+        value = parse_yaml(raw, f"--set {dotted}: the value {raw[:80]!r}")
         node = data
         for depth, key in enumerate(keys[:-1]):
             node = _child(node, key, ".".join(keys[: depth + 1]))
@@ -602,7 +625,7 @@ def read_config_text(path: str | Path) -> str:
     with open(path, "rb") as f:
         raw = f.read(MAX_CONFIG_BYTES + 1)
     if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"config {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB; a run config is a small "
+        raise ConfigError(f"config {path} is larger than {MAX_CONFIG_BYTES >> 10} KiB; a run config is a small "
                           "YAML file")
     try:
         return raw.decode("utf-8")
@@ -614,20 +637,14 @@ def read_config_text(path: str | Path) -> str:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML run config, apply ``key=value`` overrides, validate it."""
     path = Path(path)
-    text = read_config_text(path)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
-    except RecursionError:
-        raise ConfigError(f"{path} is nested too deeply to be a run config") from None
+    data = parse_yaml(read_config_text(path), str(path))
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a run config must be a mapping (key: value lines) at the top level, got a "
                           f"{type(data).__name__}")
     try:
-        check_plain_data(data, str(path))
+        check_plain_data(data)
         data = apply_overrides(data, overrides or [])
         return config_from_dict(data)
     except ConfigError as exc:
