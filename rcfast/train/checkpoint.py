@@ -25,6 +25,7 @@ no hash and load as they are. :func:`file_sha256` is the hash of a file's bytes
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import pickle
@@ -56,6 +57,17 @@ def checkpoint_path(directory: str | Path, step: int) -> Path:
     return Path(directory) / f"checkpoint_{step:09d}.pt"
 
 
+def _surface_write_error(f) -> OSError:
+    """The file-system error behind a failed ``torch.save`` (torch reports a short write as a RuntimeError)."""
+    try:
+        f.write(b"\0" * 4096)
+        f.flush()
+        os.fsync(f.fileno())
+    except OSError as exc:
+        return exc
+    return OSError(errno.EIO, "the checkpoint writer failed")
+
+
 def atomic_save(obj, path: str | Path) -> Path:
     """``torch.save`` to ``path`` atomically (temp file, fsync, ``os.replace``).
 
@@ -67,7 +79,10 @@ def atomic_save(obj, path: str | Path) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            try:
+                torch.save(obj, f)
+            except RuntimeError as exc:
+                raise _surface_write_error(f) from exc
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -592,8 +592,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if isinstance(node, list):
             index = _index(node, last, dotted)
             node[index] = value
-        else:
+        elif isinstance(node, dict):
             node[last] = value
+        else:
+            raise ConfigError(f"--set {dotted}: cannot index into a {type(node).__name__}")
     return data
 
 
