@@ -205,6 +205,8 @@ def _reported(exc: BaseException) -> bool:
     """Is ``exc`` a problem of the command's inputs or run, to print as one line (not a bug: a traceback)?"""
     if isinstance(exc, (CliError, ValueError, OSError, ImportError)):  # ConfigError, CheckpointError are ValueErrors
         return True
+    if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc) or "out of memory" in str(exc).lower():
+        return True  # a model or batch too large for this machine
     if "rcfast.train" in sys.modules:  # TrainingError: divergence, a DDP peer lost
         from rcfast.train.errors import TrainingError
         return isinstance(exc, TrainingError)

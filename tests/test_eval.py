@@ -67,6 +67,7 @@ def test_extract_features_restores_mode_and_orders_labels():
         extract_features(backbone, [images[:4]])
 
 
+@pytest.mark.slow
 def test_evaluate_transfer_with_finetune_learns_a_separable_image_task():
     torch.manual_seed(0)
     x, y = toy_images(160, 4, image_size=8, seed=5)

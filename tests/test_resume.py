@@ -244,3 +244,25 @@ def test_config_changes_name_every_field_and_ignore_defaults():
     point.state["teacher_files"] = {"a": "0" * 64}
     with pytest.raises(ConfigError, match="teacher 'a' checkpoint file sha256"):
         check_resume(point, base, 10, False, teacher_files={"a": "1" * 64})
+
+
+def test_a_run_never_mixes_its_checkpoints_with_another_s(tmp_path, capsys, one_thread):
+    path = write_config(tmp_path / "run.yaml", tiny_run(tmp_path, steps=3))
+    assert cli.main(["consolidate", "--config", str(path)]) == 0
+    capsys.readouterr()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    before = _snapshot(tmp_path / "run")
+    # starting afresh on top of them: pruning would have deleted the new run's checkpoints, kept the old
+    assert cli.main(["consolidate", "--config", str(path), "--set", "train.resume=none"]) == 2
+    assert "already holds checkpoints of a run (up to step 3)" in one_line_error(capsys.readouterr().err)
+    # going back to step 1 while steps 2 and 3 are still there
+    first = checkpoints / "checkpoint_000000001.pt"
+    assert cli.main(["consolidate", "--config", str(path), "--set", f"train.resume={first}"]) == 2
+    error = one_line_error(capsys.readouterr().err)
+    assert "holds newer checkpoints ['checkpoint_000000002.pt', 'checkpoint_000000003.pt']" in error, error
+    assert _snapshot(tmp_path / "run") == before
+    # moved away, the rollback is allowed
+    for name in ("checkpoint_000000002.pt", "checkpoint_000000003.pt"):
+        (checkpoints / name).rename(tmp_path / name)
+    assert cli.main(["consolidate", "--config", str(path), "--set", f"train.resume={first}"]) == 0
+    assert json.loads(capsys.readouterr().out)["trained_steps"] == 2

@@ -10,6 +10,7 @@ from rcfast.train.config import (ConfigError, DataConfig, OptimConfig, RunConfig
                                  load_config)
 from rcfast.train.consolidator import Consolidator
 from rcfast.train.distributed import DistContext, setup_distributed
+from rcfast.train.errors import CheckpointError, DistributedError, DivergenceError, TrainingError
 from rcfast.train.metrics import read_metrics
 from rcfast.train.objectives import Objective, Term, available_terms, register_term
 from rcfast.train.runtime import RuntimeSettings, apply_runtime, check_runtime
@@ -20,5 +21,6 @@ __all__ = [
     "TrainConfig", "ConfigError", "load_config", "config_from_dict", "config_to_dict", "dump_config",
     "atomic_save", "load_checkpoint", "latest_checkpoint", "isolated_rng", "DistContext", "setup_distributed",
     "OnlineTeachers", "TeacherSource", "load_teacher", "read_metrics", "Objective", "Term", "register_term",
-    "available_terms", "RuntimeSettings", "apply_runtime", "check_runtime",
+    "available_terms", "RuntimeSettings", "apply_runtime", "check_runtime", "TrainingError", "CheckpointError",
+    "DivergenceError", "DistributedError",
 ]

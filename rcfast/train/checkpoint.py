@@ -227,6 +227,8 @@ def load_checkpoint(path: str | Path, map_location="cpu", *, what: str = "checkp
         raise CheckpointError(f"{what} {path} is a directory, not a checkpoint file")
     if not path.exists():
         raise CheckpointError(f"{what} file {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} is not a regular file")
     try:
         size = path.stat().st_size
     except OSError as exc:

@@ -33,7 +33,7 @@ import yaml
 __all__ = [
     "ConfigError", "StudentConfig", "TeacherConfig", "DataConfig", "TaskConfig", "OptimConfig",
     "TrainConfig", "RunConfig", "load_config", "config_from_dict", "config_to_dict", "dump_config",
-    "apply_overrides", "PROXY_STREAM", "parse_yaml", "read_config_text", "check_plain_data", "normalized_config_dict", "MAX_CONFIG_BYTES",
+    "apply_overrides", "PROXY_STREAM", "MAX_IMAGE_SIZE", "MAX_THREADS", "parse_yaml", "read_config_text", "check_plain_data", "normalized_config_dict", "MAX_CONFIG_BYTES",
     "MAX_CONFIG_VALUES",
 ]
 
@@ -51,6 +51,10 @@ MAX_CONFIG_DEPTH = 64
 """How deeply a config's YAML may nest (deep flow nesting crashes or stalls YAML parsers)."""
 # libyaml's loader when PyYAML has it (fast); both construct plain data only, like yaml.safe_load.
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+MAX_IMAGE_SIZE = 4096
+"""The largest ``data.image_size`` (pixels per side): anything larger is a typo, not a data set."""
+MAX_THREADS = 1024
+"""The most threads or data workers a config may ask for (more than any machine has cores)."""
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 _MAX_SEED = 2**63 - 1
 
@@ -263,8 +267,9 @@ class RunConfig:
                 raise ConfigError(f"train.{key} must be >= {low}, got {value}")
         if not 0 <= t.seed <= _MAX_SEED:
             raise ConfigError(f"train.seed must be in [0, 2**63 - 1], got {t.seed}")
-        if t.num_threads is not None and t.num_threads <= 0:
-            raise ConfigError(f"train.num_threads must be > 0 (or null: torch's default), got {t.num_threads}")
+        if t.num_threads is not None and not 0 < t.num_threads <= MAX_THREADS:
+            raise ConfigError(f"train.num_threads must be in [1, {MAX_THREADS}] (or null: torch's default), got "
+                              f"{t.num_threads}")
         if not t.out_dir:
             raise ConfigError("train.out_dir must be a folder path")
         if t.device != "auto":
@@ -279,8 +284,8 @@ class RunConfig:
             raise ConfigError(f"train.loss_backend must be one of {('auto',) + BACKENDS}, got {t.loss_backend!r}")
         if t.dist_backend not in DIST_BACKENDS:
             raise ConfigError(f"train.dist_backend must be one of {DIST_BACKENDS}, got {t.dist_backend!r}")
-        if not (math.isfinite(t.dist_timeout_s) and t.dist_timeout_s > 0):
-            raise ConfigError(f"train.dist_timeout_s must be a finite number of seconds > 0, got {t.dist_timeout_s}")
+        if not (math.isfinite(t.dist_timeout_s) and t.dist_timeout_s >= 1):
+            raise ConfigError(f"train.dist_timeout_s must be a finite number of seconds >= 1, got {t.dist_timeout_s}")
 
     def _validate_optim(self) -> None:
         o = self.optim
@@ -318,11 +323,12 @@ class RunConfig:
 
     def _validate_data(self) -> None:
         d = self.data
-        if d.batch_size <= 0 or d.image_size <= 0:
-            raise ConfigError(f"data.batch_size and data.image_size must be > 0, got {d.batch_size} and "
-                              f"{d.image_size}")
-        if d.num_threads < 0:
-            raise ConfigError(f"data.num_threads must be >= 0, got {d.num_threads}")
+        if d.batch_size <= 0:
+            raise ConfigError(f"data.batch_size must be > 0, got {d.batch_size}")
+        if not 0 < d.image_size <= MAX_IMAGE_SIZE:
+            raise ConfigError(f"data.image_size must be in [1, {MAX_IMAGE_SIZE}], got {d.image_size}")
+        if not 0 <= d.num_threads <= MAX_THREADS:
+            raise ConfigError(f"data.num_threads must be in [0, {MAX_THREADS}], got {d.num_threads}")
         if d.backend not in DATA_BACKENDS:
             raise ConfigError(f"data.backend must be one of {DATA_BACKENDS}, got {d.backend!r}")
         try:
@@ -403,6 +409,8 @@ def _convert(value: Any, tp, key: str):
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a string, got {value!r}")
+        if "\x00" in value:
+            raise ConfigError(f"{key} contains a NUL character, which no path or name may hold")
         return value
     raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")
 
@@ -616,15 +624,13 @@ def _child(node, key: str, dotted: str):
 
 
 def read_config_text(path: str | Path) -> str:
-    """The text of a config file: a regular UTF-8 file of at most :data:`MAX_CONFIG_BYTES`."""
+    """The text of a config file (or pipe): UTF-8 of at most :data:`MAX_CONFIG_BYTES`."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"config {path} is a directory, not a YAML file")
     if not path.exists():
         raise FileNotFoundError(f"config file {path} does not exist")
-    if not path.is_file():
-        raise ConfigError(f"config {path} is not a regular file")
-    with open(path, "rb") as f:
+    with open(path, "rb") as f:  # a bounded read: a pipe or a device works, /dev/zero is refused by size
         raw = f.read(MAX_CONFIG_BYTES + 1)
     if len(raw) > MAX_CONFIG_BYTES:
         raise ConfigError(f"config {path} is larger than {MAX_CONFIG_BYTES >> 10} KiB; a run config is a small "

@@ -29,7 +29,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rcfast.train.checkpoint import load_checkpoint, newest_loadable_checkpoint
+from rcfast.train.checkpoint import list_checkpoints, load_checkpoint, newest_loadable_checkpoint
 from rcfast.train.config import ConfigError, normalized_config_dict
 from rcfast.train.errors import CheckpointError
 
@@ -68,8 +68,19 @@ def find_resume_point(resume: str | None, checkpoint_dir: str | Path, check=None
     none; anything else is a checkpoint file, which must be usable.
     ``check(state)`` raises :class:`CheckpointError` for a file that is not
     this kind of checkpoint.
+
+    A run never mixes its checkpoints with another's: starting afresh
+    (``"none"``) in a folder that holds checkpoints, or resuming a named
+    checkpoint older than ones already there, is a :class:`ConfigError` (their
+    pruning would delete the new run's checkpoints and keep the old ones).
     """
+    existing = list_checkpoints(checkpoint_dir)
     if resume in ("none", "", None):
+        if existing:
+            raise ConfigError(
+                f"train.resume is none, but {checkpoint_dir} already holds checkpoints of a run (up to step "
+                f"{existing[-1][0]}): use another train.out_dir, move those checkpoints away, or resume them "
+                "(train.resume: auto)")
         return None
     if resume == "auto":
         path, state, skipped = newest_loadable_checkpoint(checkpoint_dir, check)
@@ -86,7 +97,13 @@ def find_resume_point(resume: str | None, checkpoint_dir: str | Path, check=None
             check(state)
         except CheckpointError as exc:
             raise CheckpointError(f"train.resume checkpoint {path}: {exc}") from exc
-    return ResumePoint(path, state)
+    point = ResumePoint(path, state)
+    newer = [p.name for step, p in existing if step > point.step]
+    if newer:
+        raise ConfigError(
+            f"train.resume names {path} (step {point.step}), but {checkpoint_dir} holds newer checkpoints {newer}: "
+            "to go back to an earlier step, move those away first (or resume into another train.out_dir)")
+    return point
 
 
 def _flatten(value, prefix: str, out: dict) -> dict:

@@ -59,8 +59,10 @@ def teacher_file_sha256(cfg: TeacherConfig) -> str:
     path = Path(cfg.checkpoint)
     if path.is_dir():
         raise ConfigError(f"teacher {cfg.name!r}: checkpoint {path} is a directory, not a checkpoint file")
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"teacher {cfg.name!r}: checkpoint file {path} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"teacher {cfg.name!r}: checkpoint {path} is not a regular file")
     if path.stat().st_size == 0:
         raise ConfigError(f"teacher {cfg.name!r}: checkpoint {path} is empty (0 bytes)")
     actual = file_sha256(path)

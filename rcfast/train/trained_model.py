@@ -24,13 +24,13 @@ from torch import nn
 from rcfast.models import build_model
 from rcfast.models.registry import untrusted_kwargs_problem
 from rcfast.train.checkpoint import load_checkpoint
-from rcfast.train.config import check_plain_data
+from rcfast.train.config import MAX_IMAGE_SIZE, check_plain_data
 from rcfast.train.teachers import extract_model_state
 
 __all__ = ["TrainedBackbone", "load_trained_backbone", "MAX_STORED_IMAGE_SIZE"]
 
-MAX_STORED_IMAGE_SIZE = 4096
-"""The largest ``data.image_size`` taken from a checkpoint's config (pass a larger one explicitly)."""
+MAX_STORED_IMAGE_SIZE = MAX_IMAGE_SIZE
+"""The largest ``data.image_size`` taken from a checkpoint's config (a config's own limit)."""
 
 
 @dataclass
