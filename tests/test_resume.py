@@ -231,7 +231,8 @@ def test_config_changes_name_every_field_and_ignore_defaults():
     assert config_changes(base_int, same) == []  # 1 and 1.0 are the same setting
 
     point = ResumePoint(Path("ck.pt"), {"step": 5, "config": base})
-    with pytest.raises(ConfigError, match=r"in 2 field\(s\): teachers\[0\].builder: 'small_cnn' -> 'resnet18'; optim.lr: 0.001 -> 0.5\."):
+    refused = r"in 2 field\(s\): teachers\[0\].builder: 'small_cnn' -> 'resnet18'; optim.lr: 0.001 -> 0.5\."
+    with pytest.raises(ConfigError, match=refused):
         check_resume(point, dict(base, optim=dict(base["optim"], lr=0.5),
                                  teachers=[dict(base["teachers"][0], builder="resnet18")]), 10, False)
     assert check_resume(point, dict(base, optim=dict(base["optim"], lr=0.5)), 10, True) == [("optim.lr", 0.001, 0.5)]

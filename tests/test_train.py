@@ -265,7 +265,8 @@ def test_divergence_writes_nothing_non_finite_and_keeps_the_last_good_checkpoint
 def test_a_non_finite_loss_between_logging_steps_is_reported_at_the_next_log(tmp_path):
     trainer = _distiller(tmp_path, steps=6, log_every=3)
     trainer.add_callback(_poison(1, "nan-weight"))  # the loss of step 2 is NaN
-    with pytest.raises(DivergenceError, match=r"the loss was not finite at step 2.*before writing the metrics of step 3"):
+    with pytest.raises(DivergenceError,
+                       match=r"the loss was not finite at step 2.*before writing the metrics of step 3"):
         trainer.fit()
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # a NaN record is not written either
 
@@ -275,9 +276,10 @@ def test_the_finite_flag_is_kept_on_the_device_and_costs_no_host_read(tmp_path, 
     trainer.train_step()
     reads = []
     for method in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
-        original = getattr(torch.Tensor, method)
-        monkeypatch.setattr(torch.Tensor, method,
-                            lambda self, *a, _name=method, _orig=original, **k: reads.append(_name) or _orig(self, *a, **k))
+        def counted(self, *args, _name=method, _original=getattr(torch.Tensor, method), **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, method, counted)
     trainer._note_loss(torch.tensor(1.5))
     trainer._note_loss(torch.tensor(float("inf")))  # step 1 still: the first non-finite step is the one remembered
     trainer.step = 2

@@ -41,8 +41,8 @@ import torch
 
 from rcfast.train.errors import CheckpointError
 
-__all__ = ["atomic_save", "save_checkpoint_file", "load_checkpoint", "content_digest", "file_sha256",
-           "checkpoint_path", "list_checkpoints", "latest_checkpoint", "prune_checkpoints",
+__all__ = ["atomic_save", "save_checkpoint_file", "check_checkpoint_file", "load_checkpoint", "content_digest",
+           "file_sha256", "checkpoint_path", "list_checkpoints", "latest_checkpoint", "prune_checkpoints",
            "newest_loadable_checkpoint", "check_writable", "check_free_space", "capture_rng_state",
            "restore_rng_state", "isolated_rng", "seed_everything", "INTEGRITY_KEY"]
 
@@ -211,17 +211,8 @@ def _load_failure(exc: BaseException, path: Path) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
-def load_checkpoint(path: str | Path, map_location="cpu", *, what: str = "checkpoint") -> object:
-    """Load ``path`` with ``torch.load(weights_only=True)`` and verify its content hash.
-
-    Returns the loaded object without the hash entry. Raises
-    :class:`CheckpointError` naming ``path`` (and ``what`` it is, e.g.
-    ``"teacher 'a' checkpoint"``) when the file is missing, a directory, empty,
-    truncated, not a torch file, holds code, fails its content hash, or says it
-    is an rcfast checkpoint (``format: "rcfast.*"``) but carries no hash. A
-    plain state_dict without a hash (a checkpoint from elsewhere) is returned
-    as loaded.
-    """
+def check_checkpoint_file(path: str | Path, what: str = "checkpoint") -> Path:
+    """``path`` if it is a non-empty regular file; a :class:`CheckpointError` naming ``what`` and why otherwise."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{what} {path} is a directory, not a checkpoint file")
@@ -235,6 +226,21 @@ def load_checkpoint(path: str | Path, map_location="cpu", *, what: str = "checkp
         raise CheckpointError(f"{what} {path} cannot be read: {exc.strerror or exc}") from exc
     if size == 0:
         raise CheckpointError(f"{what} {path} is empty (0 bytes)")
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location="cpu", *, what: str = "checkpoint") -> object:
+    """Load ``path`` with ``torch.load(weights_only=True)`` and verify its content hash.
+
+    Returns the loaded object without the hash entry. Raises
+    :class:`CheckpointError` naming ``path`` (and ``what`` it is, e.g.
+    ``"teacher 'a' checkpoint"``) when the file is missing, a directory, empty,
+    truncated, not a torch file, holds code, fails its content hash, or says it
+    is an rcfast checkpoint (``format: "rcfast.*"``) but carries no hash. A
+    plain state_dict without a hash (a checkpoint from elsewhere) is returned
+    as loaded.
+    """
+    path = check_checkpoint_file(path, what)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # every failure mode of a bad file: report which, without a traceback

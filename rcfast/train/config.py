@@ -33,8 +33,8 @@ import yaml
 __all__ = [
     "ConfigError", "StudentConfig", "TeacherConfig", "DataConfig", "TaskConfig", "OptimConfig",
     "TrainConfig", "RunConfig", "load_config", "config_from_dict", "config_to_dict", "dump_config",
-    "apply_overrides", "PROXY_STREAM", "MAX_IMAGE_SIZE", "MAX_THREADS", "parse_yaml", "read_config_text", "check_plain_data", "normalized_config_dict", "MAX_CONFIG_BYTES",
-    "MAX_CONFIG_VALUES",
+    "apply_overrides", "PROXY_STREAM", "MAX_IMAGE_SIZE", "MAX_THREADS", "parse_yaml", "read_config_text",
+    "check_plain_data", "normalized_config_dict", "MAX_CONFIG_BYTES", "MAX_CONFIG_VALUES",
 ]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -262,7 +262,8 @@ class RunConfig:
         if t.precision not in PRECISIONS:
             raise ConfigError(f"train.precision must be one of {PRECISIONS}, got {t.precision!r}")
         for key, value, low in (("max_steps", t.max_steps, 1), ("log_every", t.log_every, 1),
-                                ("checkpoint_every", t.checkpoint_every, 0), ("keep_checkpoints", t.keep_checkpoints, 1)):
+                                ("checkpoint_every", t.checkpoint_every, 0),
+                                ("keep_checkpoints", t.keep_checkpoints, 1)):
             if value < low:
                 raise ConfigError(f"train.{key} must be >= {low}, got {value}")
         if not 0 <= t.seed <= _MAX_SEED:

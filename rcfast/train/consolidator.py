@@ -446,7 +446,8 @@ class Consolidator:
         self.config_changes = list(state.get("config_changes") or [])
 
     def _find_resume_point(self) -> ResumePoint | None:
-        return find_resume_point(self.train_cfg.resume, self.checkpoint_dir, check_trainer_checkpoint(CHECKPOINT_FORMAT))
+        return find_resume_point(self.train_cfg.resume, self.checkpoint_dir,
+                                 check_trainer_checkpoint(CHECKPOINT_FORMAT))
 
     def _remove_stale_temp_files(self) -> None:
         # Left by a run killed mid-write; never complete, never loaded.
@@ -525,9 +526,9 @@ class Consolidator:
                 missing = True
         if self.ctx.all_gather_object(missing)[0]:  # every rank takes part in export_model's check
             self.export_model(final)
-        return {"steps": self.step, "trained_steps": 0, "resumed_from": str(point.path), "loss": point.state.get("loss"),
-                "images_per_sec": float("nan"), "wall_time_s": 0.0, "checkpoint": str(point.path),
-                "final": str(final)}
+        return {"steps": self.step, "trained_steps": 0, "resumed_from": str(point.path),
+                "loss": point.state.get("loss"), "images_per_sec": float("nan"), "wall_time_s": 0.0,
+                "checkpoint": str(point.path), "final": str(final)}
 
     def _fit(self) -> dict:
         cfg = self.train_cfg

@@ -19,19 +19,18 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
 from torch import nn
 
 from rcfast.models import build_classifier
-from rcfast.train.checkpoint import file_sha256, load_checkpoint
+from rcfast.train.checkpoint import check_checkpoint_file, file_sha256, load_checkpoint
 from rcfast.train.config import ConfigError, TeacherConfig
 from rcfast.train.hooks import LayerCapture
 
-__all__ = ["load_teacher", "teacher_file_sha256", "extract_model_state", "TeacherSource", "TeacherRequest", "TeacherOutputs",
-           "OnlineTeachers"]
+__all__ = ["load_teacher", "teacher_file_sha256", "extract_model_state", "TeacherSource", "TeacherRequest",
+           "TeacherOutputs", "OnlineTeachers"]
 
 
 def extract_model_state(checkpoint) -> dict:
@@ -53,18 +52,11 @@ def extract_model_state(checkpoint) -> dict:
 def teacher_file_sha256(cfg: TeacherConfig) -> str:
     """The sha256 of ``cfg.checkpoint``'s bytes, checked against ``cfg.sha256`` when the config pins one.
 
-    Raises ``FileNotFoundError`` for a missing file, :class:`ConfigError` for a
-    directory, an empty file or a pin mismatch -- all naming the teacher.
+    Raises :class:`~rcfast.train.errors.CheckpointError` for a missing, empty or
+    non-regular file and :class:`ConfigError` for a pin mismatch -- both naming
+    the teacher.
     """
-    path = Path(cfg.checkpoint)
-    if path.is_dir():
-        raise ConfigError(f"teacher {cfg.name!r}: checkpoint {path} is a directory, not a checkpoint file")
-    if not path.exists():
-        raise FileNotFoundError(f"teacher {cfg.name!r}: checkpoint file {path} does not exist")
-    if not path.is_file():
-        raise ConfigError(f"teacher {cfg.name!r}: checkpoint {path} is not a regular file")
-    if path.stat().st_size == 0:
-        raise ConfigError(f"teacher {cfg.name!r}: checkpoint {path} is empty (0 bytes)")
+    path = check_checkpoint_file(cfg.checkpoint, what=f"teacher {cfg.name!r}: checkpoint")
     actual = file_sha256(path)
     if cfg.sha256 and actual != cfg.sha256.lower():
         raise ConfigError(f"teacher {cfg.name!r}: checkpoint {path} has sha256 {actual}, but teachers[].sha256 pins "
@@ -76,16 +68,15 @@ def load_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu") -> nn.M
     """Build ``cfg.builder`` with ``cfg.num_classes`` outputs and load ``cfg.checkpoint`` into it.
 
     Returns the teacher in ``eval()`` mode with gradients off. Raises
-    ``FileNotFoundError`` for a missing file, :class:`ConfigError` when the
-    file's sha256 differs from ``cfg.sha256`` (if set), and ``ValueError``
-    naming the teacher when the file is not a usable checkpoint (truncated,
-    code-carrying, failing its content hash) or does not fit the architecture.
+    :class:`ConfigError` when the file's sha256 differs from ``cfg.sha256`` (if
+    set), and ``ValueError`` (a :class:`~rcfast.train.errors.CheckpointError`
+    for the file itself) naming the teacher when the file is missing or not a
+    usable checkpoint (truncated, code-carrying, failing its content hash), or
+    does not fit the architecture.
     """
     if cfg.sha256:
         teacher_file_sha256(cfg)
-    path = Path(cfg.checkpoint)
-    if not path.exists():
-        raise FileNotFoundError(f"teacher {cfg.name!r}: checkpoint file {path} does not exist")
+    path = check_checkpoint_file(cfg.checkpoint, what=f"teacher {cfg.name!r}: checkpoint")
     try:
         model = build_classifier(cfg.builder, cfg.num_classes, **cfg.builder_kwargs)
     except (ValueError, TypeError, ImportError) as exc:
