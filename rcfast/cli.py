@@ -197,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if os.environ.get("RCFAST_DEBUG") == "1" or not _reported(exc):
             raise
-        print(f"rcfast: error: {' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr)
+        # rcfast's own OSErrors carry their whole message as strerror (no "[Errno N]" in front).
+        text = exc.strerror if isinstance(exc, OSError) and exc.filename is None and exc.strerror else str(exc)
+        print(f"rcfast: error: {' '.join(text.split()) or type(exc).__name__}", file=sys.stderr)
         return 2
 
 

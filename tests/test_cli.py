@@ -401,6 +401,27 @@ def test_a_model_too_large_for_the_machine_is_a_one_line_error(tmp_path, capsys,
     assert "can't allocate memory" in one_line_error(capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("case,message", [
+    ("width", r"student: cannot build backbone 'small_cnn' with backbone_kwargs \{'width': 0.5\}"),
+    ("norm", r"student: cannot build backbone 'small_cnn' with .*norm must be one of"),
+    ("binary source", r"data.source: .*teacher\.pt is neither an image folder nor a UTF-8 list of image files"),
+    ("out_dir is a file", r"^rcfast: error: train.out_dir: cannot write to .*000\.png"),
+])
+def test_values_only_the_builders_can_judge_are_still_named(tmp_path, capsys, case, message):
+    config = tiny_run(tmp_path)
+    if case == "width":
+        config["student"]["backbone_kwargs"]["width"] = 0.5
+    elif case == "norm":
+        config["student"]["backbone_kwargs"]["norm"] = "layer"
+    elif case == "binary source":
+        config["data"]["source"] = config["teachers"][0]["checkpoint"]
+    else:
+        config["train"]["out_dir"] = str(tmp_path / "proxy" / "000.png")
+    assert cli.main(["consolidate", "--config", str(write_config(tmp_path / "run.yaml", config))]) == 2
+    error = one_line_error(capsys.readouterr().err)
+    assert re.search(message, error), error
+
+
 def _unwritable_dir(tmp_path: Path) -> Path | None:
     """A folder this process cannot create files in (read-only for non-root users, /sys for root)."""
     folder = tmp_path / "read_only"

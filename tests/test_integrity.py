@@ -151,10 +151,10 @@ def test_everything_a_run_writes_is_hashed_and_a_corrupt_newest_checkpoint_is_sk
         assert cli.main(["consolidate", "--config", str(path), "--set", "train.max_steps=4"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["resumed_from"] == str(ckpts[0]) and (summary["steps"], summary["trained_steps"]) == (4, 3)
-    messages = [str(w.message) for w in caught if "skipping checkpoint" in str(w.message)]
+    messages = [str(w.message) for w in caught if "resuming from" in str(w.message)]
     assert len(messages) == 2, [str(w.message) for w in caught]
-    assert "checkpoint_000000003.pt" in messages[0] and "is corrupt" in messages[0]
-    assert "checkpoint_000000002.pt" in messages[1] and "truncated" in messages[1]
+    assert messages[0].startswith(f"checkpoint {ckpts[2]} is corrupt")
+    assert messages[1].startswith(f"checkpoint {ckpts[1]} is not a loadable weights-only checkpoint: truncated")
     assert all(f"resuming from {ckpts[0]} instead" in m for m in messages)
     # the damaged files were written over by the resumed run's own checkpoints
     assert load_checkpoint(ckpts[2])["step"] == 3 and load_checkpoint(ckpts[1])["step"] == 2
@@ -246,3 +246,21 @@ def test_rcfast_eval_on_a_malicious_checkpoint_in_a_subprocess(tmp_path):
     assert result.returncode == 2, result.stdout
     error = one_line_error(result.stderr)
     assert f"--checkpoint {final} is not a loadable weights-only checkpoint: it holds code" in error, error
+
+
+@pytest.mark.slow
+def test_the_command_warns_in_one_line_when_it_skips_a_truncated_newest_checkpoint(tmp_path):
+    config = tiny_run(tmp_path, steps=2)
+    path = write_config(tmp_path / "run.yaml", config)
+    assert run_cli("consolidate", "--config", str(path)).returncode == 0
+    checkpoints = tmp_path / "run" / "checkpoints"
+    newest = checkpoints / "checkpoint_000000002.pt"
+    newest.write_bytes(newest.read_bytes()[:2000])  # a run killed while the disk filled, a copy cut short...
+    result = run_cli("consolidate", "--config", str(path), "--set", "train.max_steps=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    warning = [line for line in result.stderr.splitlines() if line.startswith("rcfast: warning: ")]
+    assert len(warning) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert warning[0].startswith(f"rcfast: warning: checkpoint {newest} is not a loadable weights-only checkpoint: "
+                                 "truncated")
+    assert warning[0].endswith(f"resuming from {checkpoints / 'checkpoint_000000001.pt'} instead")
+    assert json.loads(result.stdout)["resumed_from"] == str(checkpoints / "checkpoint_000000001.pt")

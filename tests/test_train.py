@@ -306,8 +306,9 @@ def test_no_host_sync_per_step_on_a_gpu(tmp_path):
     student = build_student("small_cnn", {"task": 3, "generalist": 6}, width=4)
     trainer = Consolidator(student, [{"term": "multihead_kd"}], OnDevice(images.cuda(), batch_size=8),
                            teachers=_teachers(), optim=OptimConfig(lr=1e-3, clip_grad_norm=1.0),
+                           # the reference loss: this test is about the loop, not a kernel's launch path
                            train=TrainConfig(max_steps=8, out_dir=str(tmp_path / "run"), device="cuda",
-                                             progress=False))
+                                             progress=False, loss_backend="reference"))
     trainer.train_step()  # the first step initialises cuBLAS, the fused optimiser's state...
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -236,8 +236,12 @@ class Consolidator:
 
         with isolated_rng():
             seed_everything(t.seed)  # the same initial student on every rank (DDP also broadcasts it)
-            student = build_student(config.student.backbone, config.student_heads(),
-                                    **config.student.backbone_kwargs)
+            try:
+                student = build_student(config.student.backbone, config.student_heads(),
+                                        **config.student.backbone_kwargs)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"student: cannot build backbone {config.student.backbone!r} with backbone_kwargs "
+                                  f"{config.student.backbone_kwargs}: {exc}") from exc
             if config.student.init_from:
                 init_student_from(student, config.student.init_from)
         if ctx.is_main:
@@ -256,10 +260,16 @@ class Consolidator:
                 teachers[tc.name] = teacher
 
         def proxy(key: str, source: str, labels: bool) -> ProxyImages:
-            dataset = ProxyImages(source, image_size=d.image_size, batch_size=d.batch_size,
-                                  device=str(ctx.device), seed=t.seed, augment=d.augment, labels=labels,
-                                  drop_last=d.drop_last, backend=d.backend, num_threads=d.num_threads,
-                                  shuffle=d.shuffle)
+            try:
+                dataset = ProxyImages(source, image_size=d.image_size, batch_size=d.batch_size,
+                                      device=str(ctx.device), seed=t.seed, augment=d.augment, labels=labels,
+                                      drop_last=d.drop_last, backend=d.backend, num_threads=d.num_threads,
+                                      shuffle=d.shuffle)
+            except UnicodeDecodeError:
+                raise ConfigError(f"{key}: {source} is neither an image folder nor a UTF-8 list of image files") \
+                    from None
+            except ValueError as exc:
+                raise ConfigError(f"{key}: {exc}") from exc
             if len(dataset) == 0:
                 raise ConfigError(
                     f"data.batch_size={d.batch_size} is larger than the {dataset.num_images} images {key} gives this "
@@ -511,8 +521,11 @@ class Consolidator:
             if isinstance(saved, dict) and any(c[0] not in RESUMABLE_CHANGES for c in changes):
                 # The run continues under another config: keep the one it ran under so far.
                 self.out_dir.mkdir(parents=True, exist_ok=True)
-                (self.out_dir / f"config.before_step_{self.step}.yaml").write_text(
-                    yaml.safe_dump(saved, sort_keys=False))
+                try:
+                    text = yaml.safe_dump(saved, sort_keys=False)
+                except yaml.YAMLError:  # read from a file: not necessarily plain YAML data
+                    text = f"# not representable as YAML; as Python sees it:\n# {saved!r}\n"
+                (self.out_dir / f"config.before_step_{self.step}.yaml").write_text(text)
         return point
 
     def _already_complete(self, point: ResumePoint) -> dict:

@@ -87,8 +87,7 @@ def find_resume_point(resume: str | None, checkpoint_dir: str | Path, check=None
         if path is None:
             return None
         for bad, reason in skipped:
-            warnings.warn(f"skipping checkpoint {bad.name}: {reason}; resuming from {path} instead",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(f"{reason}; resuming from {path} instead", RuntimeWarning, stacklevel=2)
         return ResumePoint(Path(path), state, skipped)
     path = Path(resume)
     state = load_checkpoint(path, what="train.resume checkpoint")
