@@ -31,10 +31,11 @@ from rcfast.extras import require
 __all__ = ["main", "build_parser", "COMMAND_NEEDS"]
 
 # Optional modules each command needs (rcfast.extras maps them to extras), checked before it does anything.
+_DATA = ("numpy", "PIL", "simplejpeg")  # rcfast.data: images are checked with simplejpeg when listed
 COMMAND_NEEDS = {
-    "consolidate": ("numpy", "yaml", "tqdm", "PIL"),
-    "eval": ("numpy", "yaml", "tqdm", "sklearn", "PIL"),
-    "demo": ("numpy", "yaml", "tqdm", "sklearn", "matplotlib", "PIL"),
+    "consolidate": ("yaml", "tqdm") + _DATA,
+    "eval": ("yaml", "tqdm", "sklearn", "threadpoolctl") + _DATA,
+    "demo": ("yaml", "tqdm", "sklearn", "threadpoolctl", "matplotlib") + _DATA,
     "bench": (),
 }
 

@@ -1,7 +1,7 @@
 """Transfer evaluation of frozen backbones: features, linear probe, kNN, fine-tune."""
 from rcfast.extras import require
 
-require("rcfast.eval", "numpy", "sklearn")  # before anything below imports them
+require("rcfast.eval", "numpy", "sklearn", "threadpoolctl")  # before anything below imports them
 
 # ruff: noqa: E402
 from rcfast.eval.accuracy import classifier_accuracy
