@@ -28,21 +28,17 @@ import pytest
 import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+TESTS_DIR = os.path.join(REPO_ROOT, "tests")
+for path in (REPO_ROOT, TESTS_DIR):  # also run as a script, by test_each_capability_matches_reference
+    if path not in sys.path:
+        sys.path.insert(0, path)
 
 import rcfast  # noqa: E402
+from helpers.kd_compare import TOLERANCES, assert_matches_reference, loss_and_grad, make_logits  # noqa: E402
 from rcfast.ops.kernel_contract import OP_SCHEMA, REDUCTION_CODES  # noqa: E402
 
 pytestmark = pytest.mark.skipif("cpu" not in rcfast.available_backends(), reason="rcfast._C is not built")
 
-# Same tolerances as tests/test_kd_loss.py: (loss rtol, loss atol, grad rtol, grad atol).
-TOLERANCES = {
-    torch.float32: (2e-5, 1e-5, 2e-5, 1e-6),
-    torch.float16: (2e-5, 1e-5, 2e-3, 2e-6),
-    torch.bfloat16: (2e-5, 1e-5, 1.6e-2, 1e-5),
-    torch.float64: (1e-10, 1e-12, 1e-10, 1e-14),
-}
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
@@ -87,40 +83,6 @@ def _expected_capability() -> str:
     return hardware
 
 
-def make_logits(batch, head_sizes, dtype, seed=0, scale=3.0, offset=0.0):
-    g = torch.Generator().manual_seed(seed)
-    n = sum(head_sizes)
-    student = (torch.randn(batch, n, generator=g, dtype=torch.float64) * scale + offset).to(dtype)
-    teacher = (torch.randn(batch, n, generator=g, dtype=torch.float64) * scale + offset).to(dtype)
-    return student, teacher
-
-
-def loss_and_grad(backend, student, teacher, **kwargs):
-    student = student.detach().clone().requires_grad_(True)
-    loss = rcfast.multihead_kd_loss(student, teacher, backend=backend, **kwargs)
-    loss.backward(torch.ones_like(loss))
-    return loss.detach(), student.grad
-
-
-def assert_matches_reference(student, teacher, **kwargs):
-    loss, grad = loss_and_grad("cpu", student, teacher, **kwargs)
-    ref_loss, ref_grad = loss_and_grad("reference", student, teacher, **kwargs)
-    loss_rtol, loss_atol, grad_rtol, grad_atol = TOLERANCES[student.dtype]
-    # The gradient's absolute floor scales with w * tau (a difference of probabilities times it).
-    scale = max(abs(w) * t for w, t in zip(_as_list(kwargs.get("weights", 1.0), kwargs),
-                                           _as_list(kwargs.get("temperature", 4.0), kwargs)))
-    torch.testing.assert_close(loss, ref_loss, rtol=loss_rtol, atol=loss_atol)
-    torch.testing.assert_close(grad, ref_grad, rtol=grad_rtol, atol=grad_atol * max(1.0, scale))
-    return loss, grad
-
-
-def _as_list(value, kwargs):
-    splits = kwargs.get("splits") or [1]
-    if isinstance(value, (int, float)):
-        return [float(value)] * len(splits)
-    return list(value)
-
-
 # Shapes that reach every code path of the kernel (see csrc/cpu/kd_cpu_kernel_impl.h):
 # - tails of every length, one-class heads;
 # - "cached" pass 2 (B large enough for the exp cache to fit 5% of the gradient)
@@ -143,7 +105,7 @@ def _check_paths_against_reference():
             temps = [0.5 + 0.75 * h for h in range(len(heads))]
             weights = [1.0 + 0.5 * h for h in range(len(heads))]
             for reduction in ("batchmean", "none", "mean", "sum"):
-                assert_matches_reference(student, teacher, splits=list(heads), temperature=temps,
+                assert_matches_reference("cpu", student, teacher, splits=list(heads), temperature=temps,
                                          weights=weights, reduction=reduction)
         # Logits beyond the direct pass's range (|x| log2 e > 64): the online fallback,
         # with the running max moving across tiles (increasing logits along the head).
@@ -153,12 +115,12 @@ def _check_paths_against_reference():
         student = (student.double() + ramp).to(dtype)
         teacher = (teacher.double() + ramp).to(dtype)
         if dtype != torch.float16:  # fp16 cannot hold logits of 400+
-            assert_matches_reference(student, teacher, splits=list(heads), temperature=[1.0, 2.0],
+            assert_matches_reference("cpu", student, teacher, splits=list(heads), temperature=[1.0, 2.0],
                                      reduction="none")
         # Very negative logits everywhere (max below the direct range).
         student, teacher = make_logits(3, (40, 300), dtype, seed=8, offset=-300.0)
         if dtype != torch.float16:
-            assert_matches_reference(student, teacher, splits=[40, 300], temperature=1.0)
+            assert_matches_reference("cpu", student, teacher, splits=[40, 300], temperature=1.0)
 
 
 # --------------------------------------------------------------------------- schema, capability
@@ -180,6 +142,7 @@ def _supported_capabilities():
     return _ORDER[: _ORDER.index(hardware) + 1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("capability", _ORDER)
 def test_each_capability_matches_reference(capability):
     if capability not in _supported_capabilities():

@@ -31,43 +31,24 @@ if unavailable_reason("triton") is not None:
 
 from rcfast.ops import triton_backend  # noqa: E402  (after the availability check)
 
+from helpers.kd_compare import REDUCTIONS, loss_and_grad  # noqa: E402
+from helpers.kd_compare import assert_matches_reference as _assert_matches_reference  # noqa: E402
+from helpers.kd_compare import make_logits as _make_logits  # noqa: E402
+
 kd_loss = triton_backend.kd_loss
+# Without a GPU every test here runs the kernels in Triton's interpreter.
+pytestmark = [pytest.mark.interpreter] if triton_backend.kernels_are_interpreted() else []
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-REDUCTIONS = ["batchmean", "sum", "mean", "none"]
-# (loss rtol, loss atol, grad rtol, grad atol), as in the shared matrix.
-TOLERANCES = {
-    torch.float32: (2e-5, 1e-5, 2e-5, 1e-6),
-    torch.float16: (2e-5, 1e-5, 2e-3, 2e-6),
-    torch.bfloat16: (2e-5, 1e-5, 1.6e-2, 1e-5),
-}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def make_logits(batch, head_sizes, dtype, seed=0, scale=3.0, ramp=0.0):
-    """Random logits; ``ramp`` adds an increasing trend so the running max moves at every tile."""
-    g = torch.Generator().manual_seed(seed)
-    n = sum(head_sizes)
-    trend = torch.linspace(0.0, ramp, n)
-    student = torch.randn(batch, n, generator=g) * scale + trend
-    teacher = torch.randn(batch, n, generator=g) * scale + trend
-    return student.to(dtype).to(DEVICE), teacher.to(dtype).to(DEVICE)
-
-
-def loss_and_grad(backend, student, teacher, upstream=None, **kwargs):
-    student = student.detach().clone().requires_grad_(True)
-    loss = rcfast.multihead_kd_loss(student, teacher, backend=backend, **kwargs)
-    loss.backward(torch.ones_like(loss) if upstream is None else upstream)
-    return loss.detach(), student.grad
+def make_logits(*args, **kwargs):
+    """Random logits on the Triton backend's device (see helpers.kd_compare.make_logits)."""
+    return _make_logits(*args, device=DEVICE, **kwargs)
 
 
 def assert_matches_reference(student, teacher, upstream=None, **kwargs):
-    loss, grad = loss_and_grad("triton", student, teacher, upstream, **kwargs)
-    ref_loss, ref_grad = loss_and_grad("reference", student, teacher, upstream, **kwargs)
-    loss_rtol, loss_atol, grad_rtol, grad_atol = TOLERANCES[student.dtype]
-    assert loss.dtype == torch.float32 and grad.dtype == student.dtype
-    torch.testing.assert_close(loss, ref_loss, rtol=loss_rtol, atol=loss_atol)
-    torch.testing.assert_close(grad, ref_grad, rtol=grad_rtol, atol=grad_atol)
-    return loss, grad
+    return _assert_matches_reference("triton", student, teacher, upstream, **kwargs)
 
 
 def op_args(student, teacher, head_sizes, temperatures, weights, reduction, compute_grad):

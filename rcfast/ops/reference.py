@@ -10,7 +10,12 @@ Per row and head h with temperature tau_h and weight w_h:
 
 A teacher logit of -inf has probability 0 and contributes nothing (torch's own
 ``kl_div`` would give ``0 * inf = NaN`` there, hence the explicit ``where``); a
-student -inf where the teacher has mass gives +inf. NaN in gives NaN out.
+student -inf where the teacher has mass gives +inf. NaN in gives NaN out, and so
+does a +inf logit (the softmax is undefined).
+
+The logits are shifted by their (row, head) maximum before the division by the
+temperature: ``(s - max s) / tau`` cannot overflow where ``s / tau`` would (a
+large logit with a small temperature), and the softmax does not change.
 
 Degenerate heads, where a softmax is undefined:
 
@@ -25,6 +30,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+
+from rcfast.ops.kernel_contract import reduction_scale
 
 __all__ = ["reference_row_losses", "reduce_row_losses"]
 
@@ -48,8 +55,8 @@ def reference_row_losses(
     compute_dtype = _compute_dtype(student_heads[0].dtype)
     rows = None
     for s, t, tau, w in zip(student_heads, teacher_heads, temperatures, weights):
-        x_student = s.to(compute_dtype) / tau
-        x_teacher = t.detach().to(compute_dtype) / tau
+        x_student = _shifted(s.to(compute_dtype)) / tau
+        x_teacher = _shifted(t.detach().to(compute_dtype)) / tau
         # Degenerate heads (see the module docstring): replace their logits by
         # zeros before the softmax so that no NaN enters the graph, then set the
         # head's loss explicitly.
@@ -74,20 +81,25 @@ def reference_row_losses(
         # A fully masked head adds 0, unless the student brings a NaN: NaN in, NaN out.
         masked_value = torch.where(student_nan, float("nan"), 0.0).to(compute_dtype)
         kl = torch.where(teacher_masked.squeeze(1), masked_value, kl)
-        head_loss = (w * tau * tau) * kl
+        head_loss = (w * tau) * (tau * kl)
         rows = head_loss if rows is None else rows + head_loss
     return rows
 
 
+def _shifted(logits: torch.Tensor) -> torch.Tensor:
+    """``logits - max`` per row, the max detached (the softmax is shift-invariant).
+
+    Rows whose max is -inf (all masked) or NaN are left as they are; the caller
+    handles them.
+    """
+    row_max = logits.detach().amax(dim=1, keepdim=True)
+    shift = torch.where(torch.isfinite(row_max), row_max, 0.0)
+    return logits - shift
+
+
 def reduce_row_losses(rows: torch.Tensor, reduction: str, num_heads: int) -> torch.Tensor:
     """Apply one of ``none | sum | mean | batchmean`` to per-row losses ``[B]``."""
+    scale = reduction_scale(reduction, rows.shape[0], num_heads)
     if reduction == "none":
         return rows
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    if reduction == "batchmean":
-        return total / rows.shape[0]
-    if reduction == "mean":
-        return total / (rows.shape[0] * num_heads)
-    raise ValueError(f"reduction must be one of none|sum|mean|batchmean, got {reduction!r}")
+    return rows.sum() * scale
