@@ -59,7 +59,8 @@ def _is_x86_64() -> bool:
 CPU_CAPABILITIES = (_DEFAULT_CAPABILITY,) + (_X86_CAPABILITIES if _is_x86_64() else ())
 
 _MAIN_SOURCES = ["csrc/bindings.cpp", "csrc/cpu/kd_cpu.cpp"]
-_HEADERS = ["csrc/kd_math.h", "csrc/cpu/kd_cpu.h", "csrc/cpu/kd_cpu_kernel_impl.h"]
+_HEADERS = ["csrc/kd_math.h", "csrc/cpu/kd_cpu.h", "csrc/cpu/kd_cpu_driver.h", "csrc/cpu/kd_cpu_passes.h",
+            "csrc/cpu/kd_vec_exp.h"]
 
 
 def _debug() -> bool:

@@ -11,7 +11,7 @@ public API. This file covers what is specific to the C++ CPU kernel:
 - the exact -inf / NaN semantics, including the fallback cases;
 - 1 and 2 threads give bitwise-identical results;
 - the memory the op allocates beyond its outputs stays within 5% of the
-  gradient (plus the [B, H] per-task losses);
+  gradient (plus the [B, H] float64 per-task losses);
 - misuse of the raw op raises clear errors (TORCH_CHECK).
 
 Run one capability's checks by hand with
@@ -83,7 +83,7 @@ def _expected_capability() -> str:
     return hardware
 
 
-# Shapes that reach every code path of the kernel (see csrc/cpu/kd_cpu_kernel_impl.h):
+# Shapes that reach every code path of the kernel (csrc/cpu/kd_cpu_driver.h, kd_cpu_passes.h):
 # - tails of every length, one-class heads;
 # - "cached" pass 2 (B large enough for the exp cache to fit 5% of the gradient)
 #   and "recompute" pass 2 (B = 2, or a head wider than the budget allows);
@@ -121,6 +121,27 @@ def _check_paths_against_reference():
         student, teacher = make_logits(3, (40, 300), dtype, seed=8, offset=-300.0)
         if dtype != torch.float16:
             assert_matches_reference("cpu", student, teacher, splits=[40, 300], temperature=1.0)
+    _check_boundaries()
+
+
+def _check_boundaries():
+    """A cross-section of tests/test_kd_numerics.py's boundary sweeps, so each vector
+    path (forced in a subprocess) meets the exp limits, maxima and degenerate heads."""
+    import test_kd_numerics as sweeps
+
+    sweeps.test_issue_repro_gradient_near_exp_overflow()
+    for side in ("student", "teacher", "both"):
+        sweeps.test_one_logit_at_exp_boundaries("cpu", side, 1.0, 1.0)
+    for offset in (43.0, 88.5, 400.0):
+        sweeps.test_many_logits_shifted("cpu", offset, 1.0)
+        sweeps.test_many_logits_shifted("cpu", offset, -1.0)
+    sweeps.test_denormal_exps("cpu")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        sweeps.test_dtype_maxima("cpu", dtype, 0.5)
+        sweeps.test_one_class_heads_are_exactly_zero("cpu", dtype, 50.0)
+    sweeps.test_non_finite_logits("cpu", 200.0)
+    sweeps.test_temperature_range("cpu", 1e-6, 1.0)
+    sweeps.test_temperature_range("cpu", 100.0, 1.0)
 
 
 # --------------------------------------------------------------------------- schema, capability
@@ -247,7 +268,7 @@ def test_extra_memory_within_budget():
         loss, grad = op(student, teacher, offsets, temps, weights, REDUCTION_CODES["batchmean"], True)
     allocated = sum(e.cpu_memory_usage for e in prof.events() if e.name == "aten::empty" and e.cpu_memory_usage > 0)
     outputs = grad.numel() * grad.element_size() + loss.numel() * loss.element_size()
-    budget = 0.05 * grad.numel() * grad.element_size() + batch * len(heads) * 4 + 4096
+    budget = 0.05 * grad.numel() * grad.element_size() + batch * len(heads) * 8 + 4096  # float64 per-task losses
     assert outputs <= allocated <= outputs + budget, (allocated, outputs, budget)
 
 

@@ -277,7 +277,7 @@ def dense_kd_hessian_vector_product(inputs, vectors):
     loop over heads). Degenerate heads follow the first derivative: a head whose
     teacher is masked everywhere has a constant (zero) gradient, so 0 here; a head
     whose student is -inf everywhere has an unspecified gradient, taken as 0; NaN
-    in the head's logits gives NaN.
+    or +inf in the head's logits gives NaN.
     """
     student, teacher, head_offsets, temperatures, weights, reduction, _ = inputs
     (vector,) = vectors
@@ -297,28 +297,28 @@ def dense_kd_hessian_vector_product(inputs, vectors):
     def per_head_any(mask):  # [B, N] bool -> [B, H] bool
         return per_head_sum(mask.to(compute_dtype)) > 0
 
-    s = student.to(compute_dtype) / temperatures.to(compute_dtype)[head_of_col]
+    s = student.to(compute_dtype)
     t = teacher.to(compute_dtype)
-    student_nan = per_head_any(torch.isnan(s))
-    teacher_nan = per_head_any(torch.isnan(t))
+    # NaN, or a +inf logit (no softmax), on either side: the gradient is NaN there.
+    nan_head = per_head_any(torch.isnan(s) | torch.isposinf(s)) | per_head_any(torch.isnan(t) | torch.isposinf(t))
     teacher_masked = ~per_head_any(~torch.isneginf(t))
     student_empty = ~per_head_any(~torch.isneginf(s))
-    # A softmax per (row, head): the shift is a constant for the derivative.
-    finite_s = torch.where(torch.isneginf(s) | torch.isnan(s), torch.finfo(compute_dtype).min, s)
+    # A softmax per (row, head), in logit units (no overflow of s / tau): shift by the
+    # head's max (a constant for the derivative), then divide.
+    finite_s = torch.where(torch.isfinite(s), s, torch.finfo(compute_dtype).min)
     head_max = torch.full((batch, num_heads), torch.finfo(compute_dtype).min, dtype=compute_dtype,
                           device=student.device)
     head_max = head_max.scatter_reduce(1, index, finite_s.detach(), reduce="amax")
-    exps = torch.exp(torch.where(torch.isneginf(s), float("-inf"), s - head_max.gather(1, index)))
-    exps = torch.where(torch.isnan(s), 0.0, exps)
+    shifted = torch.where(torch.isfinite(s), s - head_max.gather(1, index), float("-inf"))
+    exps = torch.exp(shifted / temperatures.to(compute_dtype)[head_of_col])
     p = exps / per_head_sum(exps).clamp_min(torch.finfo(compute_dtype).tiny).gather(1, index)
     v = vector.to(compute_dtype)
     p_dot_v = per_head_sum(p * v).gather(1, index)
     scale = reduction_scale(reduction, batch, num_heads)
     result = (scale * weights.to(compute_dtype)[head_of_col]) * (p * v - p * p_dot_v)
     zero_head = (teacher_masked | student_empty).gather(1, index)
-    nan_head = (student_nan | teacher_nan).gather(1, index)
     result = torch.where(zero_head, 0.0, result)
-    result = torch.where(nan_head, float("nan"), result)
+    result = torch.where(nan_head.gather(1, index), float("nan"), result)
     return (result.to(student.dtype),)
 
 

@@ -173,7 +173,7 @@ def multihead_kd_loss(
     Returns:
         A float32 loss (float64 for float64 inputs); the student's gradient has
         the student's dtype. A teacher logit of ``-inf`` (masked class) adds
-        nothing; a student ``-inf`` where the teacher has mass gives ``+inf``;
+        nothing; a student ``-inf`` where the teacher logit is finite gives ``+inf``;
         NaN (or a ``+inf`` logit, which leaves the softmax undefined) in a head
         gives NaN for that head's loss and gradient; nothing else gives NaN.
         The gradient is differentiable: ``torch.autograd.grad(..., create_graph=True)``

@@ -26,7 +26,7 @@ import torch
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 
 import rcfast
-from rcfast.ops.kernel_contract import REDUCTION_CODES, fake_kernel, register_kernel_op_meta
+from rcfast.ops.kernel_contract import REDUCTION_CODES, fake_kernel, reduction_scale, register_kernel_op_meta
 from rcfast.ops.reference import reduce_row_losses
 
 __all__ = ["multihead_kd_fwd_triton", "kernels_are_interpreted", "QUALNAME"]
@@ -68,15 +68,6 @@ def _import_kd_loss():
 kd_loss = _import_kd_loss()
 kd_head_losses = kd_loss.kd_head_losses
 
-_KERNEL_REDUCTION_CODES = {
-    "none": kd_loss.REDUCTION_NONE, "sum": kd_loss.REDUCTION_SUM,
-    "mean": kd_loss.REDUCTION_MEAN, "batchmean": kd_loss.REDUCTION_BATCHMEAN,
-}
-if _KERNEL_REDUCTION_CODES != REDUCTION_CODES:
-    raise ImportError(
-        f"rcfast.kernels.kd_loss reduction codes {_KERNEL_REDUCTION_CODES} disagree with the "
-        f"kernel contract's {REDUCTION_CODES}")
-
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _REDUCTION_NAMES = {code: name for name, code in REDUCTION_CODES.items()}
 
@@ -106,7 +97,7 @@ def _multihead_kd_fwd_triton(
     head_losses, grad = kd_head_losses(
         student.contiguous(), teacher.contiguous(), head_offsets.contiguous(),
         temperatures.to(torch.float32).contiguous(), weights.to(torch.float32).contiguous(),
-        reduction, compute_grad,
+        reduction_scale(reduction, student.shape[0], num_heads), compute_grad,
     )
     # Per-row losses, then the contract's reduction, with plain torch ops over a
     # [B, H] buffer: deterministic (no atomics), reproducible run to run.
