@@ -152,16 +152,8 @@ def cpp_extension_modules():
     nvcc_flags = ["-O0", "-g", "-lineinfo"] if _debug() else ["-O3", "-lineinfo"]
     extension_class = CppExtension
     if want_cuda():
-        cuda_sources = _cuda_sources()
-        if cuda_sources:
-            sources += cuda_sources
-            cxx_flags.append("-DRCFAST_WITH_CUDA")
-            nvcc_flags.append("-DRCFAST_WITH_CUDA")
-            extension_class = CUDAExtension
-        elif os.environ.get("RCFAST_USE_CUDA") == "1":
-            raise RuntimeError("RCFAST_USE_CUDA=1 but csrc/cuda holds no .cu sources yet")
-        else:
-            print("rcfast: csrc/cuda has no sources yet; building the CPU kernel only")
+        sources += _cuda_sources()
+        extension_class = CUDAExtension
 
     extension = extension_class(
         name="rcfast._C",

@@ -72,7 +72,7 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 __all__ = [
-    "REDUCTION_CODES", "OP_SCHEMA", "MIN_TEMPERATURE", "MAX_TEMPERATURE",
+    "REDUCTION_CODES", "REDUCTION_NAMES", "OP_SCHEMA", "MIN_TEMPERATURE", "MAX_TEMPERATURE",
     "reduction_scale", "check_temperature", "fake_kernel",
     "FusedLossAutograd", "register_fused_loss", "register_kernel_op_meta",
     "dense_kd_hessian_vector_product",
@@ -81,7 +81,7 @@ __all__ = [
 # The one Python mapping of reduction names to the codes of the ops' ``int reduction``
 # (C++: enum class rcfast::kd::KDReduction in csrc/kd_math.h).
 REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2, "batchmean": 3}
-_REDUCTION_NAMES = {code: name for name, code in REDUCTION_CODES.items()}
+REDUCTION_NAMES = {code: name for name, code in REDUCTION_CODES.items()}
 
 OP_SCHEMA = (
     "(Tensor student, Tensor teacher, Tensor head_offsets, Tensor temperatures, "
@@ -102,7 +102,7 @@ MAX_TEMPERATURE = 100.0
 def reduction_scale(reduction: str | int, batch: int, num_heads: int) -> float:
     """d(reduced loss) / d(row loss): 1 for ``none`` and ``sum``, 1/B for
     ``batchmean``, 1/(B*H) for ``mean`` (the one Python home of this fact)."""
-    name = _REDUCTION_NAMES.get(reduction, reduction) if isinstance(reduction, int) else reduction
+    name = REDUCTION_NAMES.get(reduction, reduction) if isinstance(reduction, int) else reduction
     if name in ("none", "sum"):
         return 1.0
     if name == "batchmean":
