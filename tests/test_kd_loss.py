@@ -482,6 +482,21 @@ def test_head_tables_second_call_creates_no_tensor():
     assert not created & set(second.ops), second.ops
 
 
+@pytest.mark.parametrize("backend", backend_params(ALL_BACKENDS))
+def test_tables_cached_under_inference_mode_serve_training(backend):
+    """A first call under torch.inference_mode() (evaluation) must not cache inference
+    tensors that a later training call would have to save for backward."""
+    student, teacher = on_device(backend, *make_logits(3, (5, 9), torch.float32, seed=29))
+    kwargs = dict(splits=[5, 9], temperature=[2.0, 0.375], weights=[1.0, 0.625], backend=backend)
+    with torch.inference_mode():
+        evaluated = rcfast.multihead_kd_loss(student, teacher, **kwargs)
+    student.requires_grad_(True)
+    loss = rcfast.multihead_kd_loss(student, teacher, **kwargs)
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), evaluated)
+    assert student.grad is not None and torch.isfinite(student.grad).all()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", backend_params([b for b in FUSED_BACKENDS if b in ("triton", "cuda")]))
 def test_no_host_sync_per_call_on_gpu(backend):

@@ -37,8 +37,9 @@ from helpers.kd_compare import assert_matches_reference as _assert_matches_refer
 from helpers.kd_compare import make_logits as _make_logits  # noqa: E402
 
 kd_loss = triton_backend.kd_loss
-# Without a GPU every test here runs the kernels in Triton's interpreter.
-pytestmark = [pytest.mark.interpreter] if triton_backend.kernels_are_interpreted() else []
+# Without a GPU every test here runs the kernels in Triton's interpreter; on a GPU
+# machine they run the compiled kernels on CUDA tensors, and `pytest -m gpu` selects them.
+pytestmark = [pytest.mark.interpreter] if triton_backend.kernels_are_interpreted() else [pytest.mark.gpu]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
