@@ -24,8 +24,8 @@ from rcfast.ops.backends import kernel_op
 from rcfast.ops.kernel_contract import REDUCTION_CODES
 
 from helpers.kd_compare import (  # tests/ is on sys.path (rootdir conftest.py)
-    ALL_BACKENDS, DTYPES, FUSED_BACKENDS, REDUCTIONS, assert_matches_reference, backend_params, device_for,
-    loss_and_grad, make_logits,
+    ALL_BACKENDS, DTYPES, FUSED_BACKENDS, REDUCTIONS, assert_compiled_matches_eager, assert_matches_reference,
+    backend_params, device_for, loss_and_grad, make_logits,
 )
 
 needs_fused = pytest.mark.skipif(not FUSED_BACKENDS, reason="no fused backend built here")
@@ -540,15 +540,7 @@ def test_torch_compile_fullgraph(backend):
     def step(s, t):
         return rcfast.multihead_kd_loss(s, t, splits=[7, 30], temperature=[2.0, 4.0], backend=backend) * 2.0
 
-    compiled = torch.compile(step, fullgraph=True)
-    s1 = student.clone().requires_grad_(True)
-    s2 = student.clone().requires_grad_(True)
-    eager_loss = step(s1, teacher)
-    compiled_loss = compiled(s2, teacher)
-    eager_loss.backward()
-    compiled_loss.backward()
-    torch.testing.assert_close(compiled_loss, eager_loss)
-    torch.testing.assert_close(s2.grad, s1.grad)
+    assert_compiled_matches_eager(step, student, teacher)
 
 
 @needs_fused

@@ -40,7 +40,7 @@ from rcfast.ops.kernel_contract import reduction_scale
 __all__ = [
     "DTYPES", "REDUCTIONS", "Tolerance", "TOLERANCES", "FUSED_BACKENDS", "ALL_BACKENDS", "backend_params",
     "device_for", "make_logits", "loss_and_grad", "assert_matches_reference",
-    "float64_reference", "error_bounds", "float32_error_bounds", "assert_matches_float64", "as_per_head",
+    "float64_reference", "error_bounds", "float32_error_bounds", "assert_compiled_matches_eager", "assert_matches_float64", "as_per_head",
 ]
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -308,3 +308,17 @@ def assert_matches_float64(backend, student, teacher, compare_grad=True, **kwarg
         _assert_within("grad", torch.where(keep, grad.double(), 0.0), torch.where(keep, ref_grad, 0.0), bound,
                        context)
     return loss, grad
+
+
+def assert_compiled_matches_eager(step, student, teacher, **compile_kwargs):
+    """``torch.compile(step, fullgraph=True, **compile_kwargs)`` gives ``step``'s eager
+    loss and student gradient (``step(student, teacher)`` returns a scalar loss)."""
+    compiled = torch.compile(step, fullgraph=True, **compile_kwargs)
+    s_eager = student.clone().requires_grad_(True)
+    s_compiled = student.clone().requires_grad_(True)
+    eager_loss = step(s_eager, teacher)
+    compiled_loss = compiled(s_compiled, teacher)
+    eager_loss.backward()
+    compiled_loss.backward()
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    torch.testing.assert_close(s_compiled.grad, s_eager.grad)
