@@ -8,6 +8,9 @@
 - ``rcfast bench [args]``: the loss benchmark ``bench/bench_kd_loss.py`` of a
   source checkout, in script mode.
 - ``rcfast demo [--out DIR] [--quick]``: the end-to-end digits demo.
+- ``rcfast rank-teachers --repo DIR --target DIR [--json out.json]``: rank a
+  folder of teacher checkpoints by relatedness to a labeled target folder
+  (optimal transport; see :mod:`rcfast.select`).
 
 Configuration and input errors -- and a run that diverges, loses a DDP peer,
 or meets an unusable checkpoint -- print one ``rcfast: error: ...`` line and
@@ -81,6 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="rcfast-demo", help="output folder (default: ./rcfast-demo)")
     p.add_argument("--quick", action="store_true", help="tiny budgets: a smoke test in well under a minute")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+    p = sub.add_parser("rank-teachers", help="rank a folder of teachers by relatedness to a labeled target task")
+    p.add_argument("--repo", required=True, help="folder of teacher checkpoints, each with a <name>.yaml "
+                   "(builder, num_classes, builder_kwargs; see rcfast.select.repository)")
+    p.add_argument("--target", required=True, help="labeled target sample: one sub-folder of images per class")
+    p.add_argument("--method", default="ot", choices=("ot", "leep", "linear_probe"))
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0, help="of the teachers' softmax (ot)")
+    p.add_argument("--eps", type=float, default=0.05, help="entropic regularisation (ot; the costs are in [0, 1])")
+    p.add_argument("--metric", default="cosine", choices=("cosine", "euclidean"), help="of the cost matrix")
+    p.add_argument("--data-backend", default="auto", choices=("auto", "dali", "pil"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default=None, help="also write the ranking to this JSON file")
+    p.add_argument("--save-costs", default=None, metavar="DIR",
+                   help="write each ranked teacher's cost matrix to DIR/<name>.cost.pt (the ot_distill term's cost)")
     return parser
 
 
@@ -180,7 +199,69 @@ def _demo(args) -> int:
     return 0
 
 
+def _rank_teachers(args) -> int:
+    import time
+
+    from rcfast.data import ProxyImages
+    from rcfast.select import final_linear, rank_teachers
+    from rcfast.select.repository import Skipped, read_repository
+    from rcfast.train.checkpoint import atomic_save
+    from rcfast.train.config import TeacherConfig
+    from rcfast.train.distributed import resolve_device
+    from rcfast.train.teachers import load_teacher
+
+    specs = read_repository(args.repo)
+    if not Path(args.target).is_dir():
+        raise FileNotFoundError(f"--target: {args.target} is not a folder of class sub-folders")
+    device = resolve_device(args.device)
+    target = ProxyImages(args.target, image_size=args.image_size, batch_size=args.batch_size, device=str(device),
+                         augment="none", labels=True, shuffle=False, drop_last=False, backend=args.data_backend)
+    teachers, skipped, load_seconds = {}, [], {}
+    for spec in specs:
+        if isinstance(spec, Skipped):
+            skipped.append(spec)
+            continue
+        start = time.perf_counter()
+        config = TeacherConfig(name=spec.name, builder=spec.builder, checkpoint=str(spec.checkpoint),
+                               num_classes=spec.num_classes, builder_kwargs=spec.builder_kwargs)
+        try:  # a corrupt, truncated or code-carrying checkpoint skips this teacher only
+            teacher = load_teacher(config, device)
+            final_linear(teacher, f"teacher {spec.name!r}")
+        except (ValueError, TypeError, ImportError, FileNotFoundError) as exc:
+            skipped.append(Skipped(spec.name, str(exc)))
+            continue
+        teachers[spec.name], load_seconds[spec.name] = teacher, time.perf_counter() - start
+    if not teachers:
+        reasons = "; ".join(f"{s.name}: {s.reason.splitlines()[0]}" for s in skipped) or "the folder holds none"
+        raise CliError(f"--repo: no usable teacher in {args.repo} ({reasons})")
+    records = rank_teachers(teachers, target, method=args.method, temperature=args.temperature, eps=args.eps,
+                            metric=args.metric, device=device)
+    rows = [{"rank": r.rank, "name": r.name, "score": r.score, "seconds": load_seconds[r.name] + r.seconds,
+             "num_classes": r.cost_matrix.shape[0]} for r in records]
+    better = "lower" if args.method == "ot" else "higher"
+    print(f"{args.method} scores of {len(records)} teachers for {args.target} ({target.num_classes} classes, "
+          f"{better} = more related):")
+    width = max(len(name) for name in [*teachers, *(s.name for s in skipped), "teacher"])
+    print(f"{'rank':>4}  {'teacher':<{width}}  {'score':>10}  {'seconds':>8}")
+    for row in rows:
+        print(f"{row['rank']:>4}  {row['name']:<{width}}  {row['score']:>10.4f}  {row['seconds']:>8.2f}")
+    for s in skipped:
+        print(f"{'-':>4}  {s.name:<{width}}  skipped: {s.reason.splitlines()[0][:160]}")
+    if args.save_costs:
+        for r in records:
+            atomic_save(r.cost_matrix, Path(args.save_costs) / f"{r.name}.cost.pt")
+    if args.json:
+        result = {"method": args.method, "target": str(args.target), "num_classes": target.num_classes,
+                  "ranking": rows, "skipped": [{"name": s.name, "reason": s.reason} for s in skipped]}
+        path = Path(args.json)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, path)  # never a half-written file
+    return 0
+
+
 COMMANDS = {"consolidate": _consolidate, "eval": _eval, "bench": _bench, "demo": _demo}
+COMMANDS["rank-teachers"] = _rank_teachers
 
 
 def _one_line_warnings(message, category, filename, lineno, file=None, line=None) -> str:

@@ -14,6 +14,7 @@ from rcfast.train.objectives.objective import Objective
 # The built-in terms: importing a module registers its term.
 from rcfast.train.objectives import cross_entropy  # noqa: E402,F401  (cross_entropy)
 from rcfast.train.objectives import multihead_kd  # noqa: E402,F401  (multihead_kd)
+from rcfast.train.objectives import ot_distill  # noqa: E402,F401  (ot_distill)
 
 __all__ = [
     "Objective", "Term", "TermSetup", "RunLayout", "StreamInfo", "ModelsUnavailable", "register_term",
