@@ -404,7 +404,7 @@ def test_a_model_too_large_for_the_machine_is_a_one_line_error(tmp_path, capsys,
 @pytest.mark.parametrize("case,message", [
     ("width", r"student: cannot build backbone 'small_cnn' with backbone_kwargs \{'width': 0.5\}"),
     ("norm", r"student: cannot build backbone 'small_cnn' with .*norm must be one of"),
-    ("binary source", r"data.source: .*teacher\.pt is neither an image folder nor a UTF-8 list of image files"),
+    ("binary source", r"data.source: source .*teacher\.pt. is a file but not a UTF-8 text list of image paths"),
     ("out_dir is a file", r"^rcfast: error: train.out_dir: cannot write to .*000\.png"),
 ])
 def test_values_only_the_builders_can_judge_are_still_named(tmp_path, capsys, case, message):

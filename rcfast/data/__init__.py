@@ -13,7 +13,7 @@ require("rcfast.data", "numpy", "PIL")  # before anything below imports them
 # ruff: noqa: E402
 
 from .demo import demo_dataset
-from .proxy_images import IMAGENET_MEAN, IMAGENET_STD, ProxyImages
+from .proxy_images import IMAGENET_MEAN, IMAGENET_STD, NoBatchError, ProxyImages
 from .sources import cache_dir
 
-__all__ = ["ProxyImages", "demo_dataset", "cache_dir", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["ProxyImages", "NoBatchError", "demo_dataset", "cache_dir", "IMAGENET_MEAN", "IMAGENET_STD"]

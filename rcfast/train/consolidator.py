@@ -213,7 +213,7 @@ class Consolidator:
         :func:`rcfast.train.runtime.apply_runtime`); the caller's RNG states are
         left as they were.
         """
-        from rcfast.data import ProxyImages  # the data pipeline is needed only for config-driven runs
+        from rcfast.data import NoBatchError, ProxyImages  # the data pipeline is needed only for config-driven runs
         from rcfast.train.init_from import init_student_from
 
         config.validate()
@@ -265,16 +265,14 @@ class Consolidator:
                                       device=str(ctx.device), seed=t.seed, augment=d.augment, labels=labels,
                                       drop_last=d.drop_last, backend=d.backend, num_threads=d.num_threads,
                                       shuffle=d.shuffle)
-            except UnicodeDecodeError:
-                raise ConfigError(f"{key}: {source} is neither an image folder nor a UTF-8 list of image files") \
-                    from None
+            except NoBatchError as exc:  # named by the config keys that decide it
+                raise ConfigError(
+                    f"data.batch_size={d.batch_size} is larger than the {exc.num_images} images {key} gives this "
+                    f"process ({exc.total_images} in all, over {ctx.world_size} process(es)): with "
+                    "data.drop_last: true not one batch is left. Lower data.batch_size or set data.drop_last: false"
+                ) from None
             except ValueError as exc:
                 raise ConfigError(f"{key}: {exc}") from exc
-            if len(dataset) == 0:
-                raise ConfigError(
-                    f"data.batch_size={d.batch_size} is larger than the {dataset.num_images} images {key} gives this "
-                    f"process ({dataset.total_images} in all, over {dataset.num_shards} process(es)): with "
-                    "data.drop_last: true not one batch is left. Lower data.batch_size or set data.drop_last: false")
             return dataset
 
         data = {}
