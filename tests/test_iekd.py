@@ -349,3 +349,19 @@ def test_pretraining_bad_arguments(call, match):
 def test_conv_coder_is_usable_as_student_encoder():
     coder = ConvCoder(4, 3)
     assert coder(torch.randn(2, 4, 3, 3)).shape == (2, 3, 3, 3)
+
+
+def test_autoencoder_from_state_dict_round_trips_and_rejects_other_dicts():
+    torch.manual_seed(0)
+    ae = FactorAutoEncoder(10, 3)
+    ae(torch.randn(4, 10, 2, 2))  # moves the BatchNorm statistics away from their initial values
+    copy = FactorAutoEncoder.from_state_dict(ae.state_dict())
+    assert (copy.in_channels, copy.factor_channels) == (10, 3)
+    for key, value in ae.state_dict().items():
+        assert torch.equal(copy.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="not a FactorAutoEncoder state_dict"):
+        FactorAutoEncoder.from_state_dict({"weight": torch.ones(3)})
+    broken = dict(ae.state_dict())
+    del broken["decoder.layers.1.weight"]
+    with pytest.raises(ValueError, match="does not load"):
+        FactorAutoEncoder.from_state_dict(broken)

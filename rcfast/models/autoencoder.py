@@ -18,7 +18,7 @@ BatchNorm to the identity, as in the release.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -89,6 +89,22 @@ class FactorAutoEncoder(nn.Module):
     @property
     def factor_channels(self) -> int:
         return self.encoder.out_channels
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, torch.Tensor], strict: bool = True) -> "FactorAutoEncoder":
+        """An auto-encoder sized from, and loaded with, a ``state_dict`` of one (channels read from its weights)."""
+        first, last = "encoder.layers.1.weight", "encoder.layers.7.weight"
+        for key in (first, last):
+            weight = state.get(key)
+            if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+                raise ValueError(f"not a FactorAutoEncoder state_dict: no 4-D tensor {key!r} "
+                                 f"(keys: {sorted(state)[:8]}...)")
+        autoencoder = cls(int(state[first].shape[1]), int(state[last].shape[0]))
+        try:
+            autoencoder.load_state_dict(state, strict=strict)
+        except RuntimeError as exc:
+            raise ValueError(f"the FactorAutoEncoder state_dict does not load: {exc}") from exc
+        return autoencoder
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         factor = self.encoder(x)
