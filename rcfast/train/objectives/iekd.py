@@ -51,7 +51,7 @@ from rcfast.train.objectives.options import check_warmup_steps, warmup_factor
 
 __all__ = ["IEKDInherit", "IEKDExplore", "load_teacher_autoencoder"]
 
-_SPLITS_SEEN = "iekd_splits"  # RunLayout.extras entry: the split each IE-KD term used, per student layer
+_SPLITS_SEEN = "_iekd_splits"  # attribute of the RunLayout being bound: the split of each IE-KD term, per layer
 
 
 def _checkpoint_file(autoencoder: str) -> Path:
@@ -128,8 +128,9 @@ class _IEKDTerm(Term):
 
     def _check_split_agrees(self, setup: TermSetup) -> None:
         # Inheritance and exploration must split the same channels the same way,
-        # or the two parts would overlap. Both terms see one RunLayout.
-        seen = setup.layout.extras.setdefault(_SPLITS_SEEN, {})
+        # or the two parts would overlap. The terms of one objective are bound
+        # against one RunLayout object, so the splits seen are noted on it.
+        seen = vars(setup.layout).setdefault(_SPLITS_SEEN, {})
         key = (self.student_key.stream, self.student_layer)
         mine = dict(self.split_options)
         if key in seen and seen[key][1] != mine:
