@@ -115,5 +115,5 @@ def test_bad_dmc_configs_are_config_errors(workspace, tmp_path, term, message):
 def test_several_heads_need_the_head_named(workspace, tmp_path):
     config = dmc_config(workspace, tmp_path / "x")
     config["student"]["heads"] = {"all": 4, "extra": 2}
-    with pytest.raises(ConfigError, match=r"the student has 2 heads .* say which one"):
+    with pytest.raises(ConfigError, match=r"the run has 2 heads .* say which one"):
         config_from_dict(config).validate()

@@ -123,7 +123,8 @@ def test_mutual_learning_with_and_without_iekd_end_to_end_and_exact_resume(works
     assert set(metrics(plain_out)[-1]["parts"]["mutual_learning"]) == {"kl_student", "ce_peer", "kl_peer"}
     # DML is symmetric: had the peer started as a copy of the student, they would still be equal
     final = checkpoint(plain_out, 3)
-    assert not torch.equal(final["objective"]["terms.mutual_learning.peer.heads.weight"], final["model"]["heads.weight"])
+    peer_head = final["objective"]["terms.mutual_learning.peer.heads.weight"]
+    assert not torch.equal(peer_head, final["model"]["heads.weight"])
 
     out = tmp_path / "ie_dml"
     with_iekd = dict(peer, iekd={"student_layer": LAYER, "peer_layer": "backbone.body.13", "factor_channels": 4,
@@ -137,7 +138,8 @@ def test_mutual_learning_with_and_without_iekd_end_to_end_and_exact_resume(works
                           "explore_student", "inherit_peer", "explore_peer"}
     assert all(np.isfinite(v) for v in parts.values())
     state = checkpoint(out, 4)["objective"]
-    assert "terms.mutual_learning.peer.heads.weight" in state and "terms.mutual_learning.peer_iekd.split.inherit_index" in state
+    assert "terms.mutual_learning.peer.heads.weight" in state
+    assert "terms.mutual_learning.peer_iekd.split.inherit_index" in state
     assert_resumes_exactly(config, out, tmp_path / "resume.yaml")
 
 

@@ -157,7 +157,8 @@ class ChannelSplit(nn.Module):
             if channels % 2:
                 raise ValueError(
                     f"channels={channels} is odd, so it has no two equal halves: pass inherit_channels "
-                    f"(e.g. {channels // 2}, as the authors' release does, giving exploration {channels - channels // 2})")
+                    f"(e.g. {channels // 2}, as the authors' release does, giving exploration "
+                    f"{channels - channels // 2})")
             inherit_channels = channels // 2
         if (not isinstance(inherit_channels, int) or isinstance(inherit_channels, bool)
                 or not 0 < inherit_channels < channels):
@@ -187,7 +188,8 @@ class ChannelSplit(nn.Module):
         if (both.dtype != torch.int64 or both.numel() != module.channels
                 or not torch.equal(both.sort().values, torch.arange(module.channels))):
             raise ValueError(f"the loaded channel split is not a partition of range({module.channels}): "
-                             f"inherit_index={module.inherit_index.tolist()}, explore_index={module.explore_index.tolist()}")
+                             f"inherit_index={module.inherit_index.tolist()}, "
+                             f"explore_index={module.explore_index.tolist()}")
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(inherit_part, explore_part)`` of ``features [B, C, ...]`` (channel dim 1)."""

@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 
 from rcfast.eval.report import markdown_table
-from rcfast.train.method_demos import (BACKBONE, RunSettings, accuracy, digit_lists, format_mean_std,
-                                       load_classifier, predict, run_config, run_dict, teacher_entry, write_list)
+from rcfast.train.method_demos import (BACKBONE, DemoDirs, RunSettings, accuracy, digit_lists, format_mean_std,
+                                       load_classifier, predict, run_config, run_dict, teacher_entry, test_images,
+                                       write_list)
 
 __all__ = ["DMCDemoSettings", "run_dmc_demo"]
 
@@ -77,13 +78,12 @@ def run_dmc_demo(out_dir: str | Path = "rcfast-demo-dmc", quick: bool = False,
 
     ``data_root``: where the digits are written once (default ``<out_dir>/data``).
     """
-    from rcfast.data import ProxyImages
-
     s = settings or (DMCDemoSettings.quick() if quick else DMCDemoSettings())
-    out = Path(out_dir).resolve()
-    runs, configs, lists = out / "runs", out / "configs", out / "lists"
+    dirs = DemoDirs(Path(out_dir).resolve())
+    runs, configs, lists = dirs.runs, dirs.configs, dirs.lists
     started = time.perf_counter()
-    digits = digit_lists(data_root if data_root is not None else out / "data")
+    digits = digit_lists(data_root if data_root is not None else dirs.out / "data")
+    test = test_images(digits, lists, s.run)
     sources = {
         "old": write_list(lists / "old_A.txt", digits.teacher_train, OLD, relabel=True),
         "new": write_list(lists / "new_B.txt", digits.teacher_train, NEW, relabel=True),
@@ -91,9 +91,6 @@ def run_dmc_demo(out_dir: str | Path = "rcfast-demo-dmc", quick: bool = False,
         "joint": write_list(lists / "A_and_B.txt", digits.teacher_train),
         "dmc": digits.auxiliary_folder,  # a flat folder: the images without labels
     }
-    test = ProxyImages(write_list(lists / "test.txt", digits.test), image_size=s.run.image_size, batch_size=256,
-                       device="cpu", augment="none", labels=True, shuffle=False, drop_last=False,
-                       backend=s.run.data_backend, num_threads=s.run.data_threads)
     ce = [{"term": "cross_entropy"}]
     results: dict[str, dict[str, list[float]]] = {name: {c: [] for c in COLUMNS} for name in LABELS}
     for seed in range(s.seeds):
@@ -121,11 +118,11 @@ def run_dmc_demo(out_dir: str | Path = "rcfast-demo-dmc", quick: bool = False,
             for column, among in (("all", None), ("old", OLD), ("new", NEW)):
                 results[name][column].append(accuracy(predictions, labels, classes=outputs, among=among))
     summary = {"accuracy": results, "settings": asdict(s), "total_seconds": time.perf_counter() - started}
-    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    (dirs.out / "results.json").write_text(json.dumps(summary, indent=1))
     summary["table"] = markdown_table(
         {LABELS[name]: {COLUMNS[c]: format_mean_std(v) for c, v in per.items()} for name, per in results.items()},
         list(COLUMNS.values()), row_header="model (test accuracy %, mean ± std)")
-    (out / "report.md").write_text(_report(summary, s))
+    (dirs.out / "report.md").write_text(_report(summary, s))
     return summary
 
 

@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rcfast.eval.report import markdown_table
-from rcfast.train.method_demos import (BACKBONE, FEATURE_LAYER, RunSettings, accuracy, digit_lists,
+from rcfast.train.method_demos import (BACKBONE, FEATURE_LAYER, DemoDirs, RunSettings, accuracy, digit_lists,
                                        format_mean_std, load_classifier, mean_std, predict, run_config, run_dict,
-                                       teacher_entry, write_list)
+                                       teacher_entry, test_images, write_list)
 
 __all__ = ["IEKDDemoSettings", "run_iekd_demo"]
 
@@ -101,18 +101,14 @@ def run_iekd_demo(out_dir: str | Path = "rcfast-demo-iekd", quick: bool = False,
 
     ``data_root``: where the digits are written once (default ``<out_dir>/data``).
     """
-    from rcfast.data import ProxyImages
-
     s = settings or (IEKDDemoSettings.quick() if quick else IEKDDemoSettings())
-    out = Path(out_dir).resolve()
-    runs, configs, lists = out / "runs", out / "configs", out / "lists"
+    dirs = DemoDirs(Path(out_dir).resolve())
+    runs, configs, lists = dirs.runs, dirs.configs, dirs.lists
     started = time.perf_counter()
-    digits = digit_lists(data_root if data_root is not None else out / "data")
+    digits = digit_lists(data_root if data_root is not None else dirs.out / "data")
+    test = test_images(digits, lists, s.run)
     pool = write_list(lists / "pool.txt", digits.pool)
     labeled = write_list(lists / "student_labeled.txt", _first_per_class(digits.pool, s.labels_per_class))
-    test = ProxyImages(write_list(lists / "test.txt", digits.test), image_size=s.run.image_size, batch_size=256,
-                       device="cpu", augment="none", labels=True, shuffle=False, drop_last=False,
-                       backend=s.run.data_backend, num_threads=s.run.data_threads)
 
     digits_head = {"digits": 10}
     run_config(run_dict(s.run, out_dir=runs / "teacher", seed=0, steps=s.teacher_steps, source=pool,
@@ -138,9 +134,9 @@ def run_iekd_demo(out_dir: str | Path = "rcfast-demo-iekd", quick: bool = False,
             results["students"].setdefault(name, []).append(accuracy(*predict(student, test)))
     results.update(claims=_claims(results["students"]), settings=asdict(s),
                    total_seconds=time.perf_counter() - started)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (dirs.out / "results.json").write_text(json.dumps(results, indent=1))
     results["table"] = _table(results)
-    (out / "report.md").write_text(_report(results, s))
+    (dirs.out / "report.md").write_text(_report(results, s))
     return results
 
 

@@ -34,7 +34,8 @@ from rcfast.train.config import config_from_dict, dump_config, load_config
 from rcfast.train.consolidator import Consolidator
 from rcfast.train.teachers import extract_model_state
 
-__all__ = ["BACKBONE", "FEATURE_LAYER", "RunSettings", "DigitLists", "digit_lists", "write_list", "run_dict",
+__all__ = ["BACKBONE", "FEATURE_LAYER", "RunSettings", "DemoDirs", "DigitLists", "digit_lists", "write_list",
+           "test_images", "run_dict",
            "teacher_entry", "run_config", "load_classifier", "predict", "accuracy", "mean_std", "format_mean_std"]
 
 Item = tuple[str, int]  # (image path, digit)
@@ -91,6 +92,25 @@ def digit_lists(root: str | Path) -> DigitLists:
                       auxiliary_folder=manifest["proxy"]["path"])
 
 
+@dataclass
+class DemoDirs:
+    """A demo's output folder: ``runs/`` (one per run), ``configs/`` (their YAML), ``lists/`` (image lists)."""
+
+    out: Path
+
+    @property
+    def runs(self) -> Path:
+        return self.out / "runs"
+
+    @property
+    def configs(self) -> Path:
+        return self.out / "configs"
+
+    @property
+    def lists(self) -> Path:
+        return self.out / "lists"
+
+
 def write_list(path: str | Path, items: Sequence[Item], classes: Sequence[int] | None = None,
                relabel: bool = False) -> str:
     """Write ``path label`` lines of the items whose digit is in ``classes`` (all by default).
@@ -105,6 +125,15 @@ def write_list(path: str | Path, items: Sequence[Item], classes: Sequence[int] |
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("\n".join(lines) + "\n")
     return str(path)
+
+
+def test_images(digits: DigitLists, lists_dir: Path, settings: "RunSettings"):
+    """The test digits (global labels) as a ``ProxyImages`` pipeline, in file order."""
+    from rcfast.data import ProxyImages
+
+    return ProxyImages(write_list(lists_dir / "test.txt", digits.test), image_size=settings.image_size,
+                       batch_size=256, device="cpu", augment="none", labels=True, shuffle=False, drop_last=False,
+                       backend=settings.data_backend, num_threads=settings.data_threads)
 
 
 def run_dict(settings: RunSettings, *, out_dir: Path, seed: int, steps: int, source: str, heads: dict,

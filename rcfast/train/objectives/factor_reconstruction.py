@@ -22,18 +22,9 @@ import torch
 from rcfast.models.autoencoder import FactorAutoEncoder, reconstruction_loss
 from rcfast.train.objectives.base import Term, TermSetup, register_term
 from rcfast.train.objectives.inputs import StepInputs, TeacherLayer
+from rcfast.train.objectives.options import only_teacher
 
-__all__ = ["FactorReconstruction", "only_teacher"]
-
-
-def only_teacher(setup: TermSetup, teacher: str | None) -> str:
-    """``teacher`` checked, or the run's single teacher when ``teacher`` is None."""
-    if teacher is not None:
-        return setup.teacher(teacher)
-    if len(setup.teachers) != 1:
-        raise setup.error(f"teacher: the run has {len(setup.teachers)} teachers {list(setup.teachers)}; "
-                          "name the one whose features are used")
-    return next(iter(setup.teachers))
+__all__ = ["FactorReconstruction", "feature_map_shape"]
 
 
 def feature_map_shape(setup: TermSetup, key, what: str) -> torch.Size:

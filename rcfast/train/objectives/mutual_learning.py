@@ -137,7 +137,8 @@ class MutualLearning(Term):
             return
         self.student_layer_key = StudentLayer(stream, options["student_layer"])
         self.peer_layer = options["peer_layer"]
-        LayerCapture(self.peer, [self.peer_layer], owner="the peer")  # an unknown name fails now, listing the valid ones
+        # An unknown layer name fails now, listing the valid ones.
+        LayerCapture(self.peer, [self.peer_layer], owner="the peer")
         student_shape = feature_map_shape(setup, self.student_layer_key, "the student's")
         peer_shape = self._peer_feature_shape(setup)
         if student_shape[2:] != peer_shape[2:]:

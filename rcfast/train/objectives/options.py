@@ -1,21 +1,30 @@
-"""Option helpers shared by the IE-KD, mutual-learning and DMC terms: the default head, weight warm-up."""
+"""Option helpers shared by the IE-KD, mutual-learning and DMC terms: default head/teacher, weight warm-up."""
 from __future__ import annotations
 
 import math
 
 from rcfast.train.objectives.base import TermSetup
 
-__all__ = ["only_head", "check_warmup_steps", "warmup_factor", "nonnegative"]
+__all__ = ["only_head", "only_teacher", "check_warmup_steps", "warmup_factor", "nonnegative"]
+
+
+def _only(setup: TermSetup, kind: str, names: dict, chosen: str | None, check) -> str:
+    if chosen is not None:
+        return check(chosen)
+    if len(names) != 1:
+        raise setup.error(f"{kind}: the run has {len(names)} {kind}s {list(names)}; "
+                          "say which one this term uses")
+    return next(iter(names))
 
 
 def only_head(setup: TermSetup, head: str | None) -> str:
     """``head`` checked against the student, or the student's single head when ``head`` is None."""
-    if head is not None:
-        return setup.head(head)
-    if len(setup.heads) != 1:
-        raise setup.error(f"head: the student has {len(setup.heads)} heads {list(setup.heads)}; "
-                          "say which one this term trains")
-    return next(iter(setup.heads))
+    return _only(setup, "head", setup.heads, head, setup.head)
+
+
+def only_teacher(setup: TermSetup, teacher: str | None) -> str:
+    """``teacher`` checked against the run, or the run's single teacher when ``teacher`` is None."""
+    return _only(setup, "teacher", setup.teachers, teacher, setup.teacher)
 
 
 def nonnegative(option: str, value) -> float:
