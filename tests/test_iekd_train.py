@@ -194,6 +194,8 @@ def test_autoencoder_of_another_teacher_layer_is_refused(workspace, teacher_auto
     ({"exploration": "l2"}, r"exploration must be one of \('l1', 'cos', 'cka'\)"),
     ({"warmup_steps": -1}, "warmup_steps must be an int >= 0"),
     ({"student_layer": ""}, "student_layer must be a non-empty string"),
+    ({"split": "relation"}, r"split must be one of \('natural', 'random'\)"),
+    ({"inherit_channels": 0}, "inherit_channels must be a positive int"),
 ])
 def test_bad_iekd_options_are_config_errors(tmp_path, patch, message):
     entry = {"term": "iekd_explore", "autoencoder": str(tmp_path), "student_layer": LAYER, **patch}

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from rcfast.losses.iekd import EXPLORATION_KINDS, ChannelSplit, exploration_loss, inheritance_loss
+from rcfast.losses.iekd import EXPLORATION_KINDS, SPLIT_MODES, ChannelSplit, exploration_loss, inheritance_loss
 from rcfast.models.autoencoder import ConvCoder, FactorAutoEncoder
 from rcfast.train.checkpoint import latest_checkpoint, load_checkpoint
 from rcfast.train.objectives.base import Term, TermSetup, register_term
@@ -91,9 +91,12 @@ def load_teacher_autoencoder(autoencoder: str, term: str = "factor_reconstructio
     config = checkpoint.get("config") or {}
     for entry in config.get("objective") or []:
         if isinstance(entry, dict) and entry.get("name", entry.get("term")) == term:
-            stored = {"teacher": entry.get("teacher"), "layer": entry.get("layer")}
-            if stored["teacher"] is None and len(config.get("teachers") or []) == 1:
-                stored["teacher"] = config["teachers"][0].get("name")
+            teachers = config.get("teachers") or []
+            teacher = entry.get("teacher")
+            if teacher is None and len(teachers) == 1 and isinstance(teachers[0], dict):
+                teacher = teachers[0].get("name")
+            # The stored config is data from a file: only strings are names.
+            stored = {k: v for k, v in (("teacher", teacher), ("layer", entry.get("layer"))) if isinstance(v, str)}
     return FactorAutoEncoder.from_state_dict(state), stored
 
 
@@ -112,6 +115,13 @@ class _IEKDTerm(Term):
         for option, value in (("teacher", teacher), ("teacher_layer", teacher_layer)):
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"{option} must be a non-empty string (or omitted), got {value!r}")
+        if split not in SPLIT_MODES:
+            raise ValueError(f"split must be one of {SPLIT_MODES}, got {split!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        if inherit_channels is not None and (isinstance(inherit_channels, bool) or not isinstance(inherit_channels, int)
+                                             or inherit_channels <= 0):
+            raise ValueError(f"inherit_channels must be a positive int (or omitted), got {inherit_channels!r}")
         self.autoencoder_path, self.student_layer, self.autoencoder_term = autoencoder, student_layer, autoencoder_term
         self.teacher, self.teacher_layer = teacher, teacher_layer
         self.split_options = {"mode": split, "seed": seed, "inherit_channels": inherit_channels}
