@@ -219,3 +219,18 @@ def test_missing_autoencoder_run_is_a_clear_error(workspace, tmp_path, capsys):
 def test_bad_mutual_learning_options(iekd, message):
     with pytest.raises(ConfigError, match=message):
         Objective.from_specs([{"term": "mutual_learning", "peer_backbone": "small_cnn", "iekd": iekd}])
+
+
+@pytest.mark.slow
+def test_iekd_with_another_student_architecture(workspace, teacher_autoencoder, tmp_path):
+    """Layers by name: a ResNet student (``backbone.layers.5``, 4x4 at 16 px) against the small CNN teacher."""
+    objective = iekd_objective(teacher_autoencoder, "l1")
+    for entry in objective[2:]:
+        entry["student_layer"] = "backbone.layers.5"
+    out = tmp_path / "resnet"
+    config = base_config(workspace, out, objective, steps=2)
+    config["student"] = {"backbone": "resnet18", "backbone_kwargs": {"width": 2}, "heads": {"digits": CLASSES}}
+    assert consolidate(config, tmp_path / "resnet.yaml") == 0
+    state = checkpoint(out, 2)["objective"]
+    assert state["terms.iekd_inherit.split.inherit_index"].numel() == 4  # 8 channels at that stage, split 4 / 4
+    assert all(np.isfinite(v) for v in metrics(out)[-1]["terms"].values())
