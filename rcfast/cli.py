@@ -8,7 +8,8 @@
 - ``rcfast bench [args]``: the loss benchmark ``bench/bench_kd_loss.py`` of a
   source checkout, in script mode.
 - ``rcfast demo [--out DIR] [--quick]``: the end-to-end digits demo;
-  ``--method iekd|dmc [--seeds N]``: the IE-KD or DMC comparison instead.
+  ``--method iekd|dmc [--seeds N] [--data digits|glyphs]``: the IE-KD or DMC
+  comparison instead.
 
 Configuration and input errors print one ``rcfast: error: ...`` line and exit
 with status 2 (``RCFAST_DEBUG=1`` shows the traceback instead).
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "and mutual learning; dmc: class-incremental deep model consolidation")
     p.add_argument("--out", default=None, help="output folder (default: ./rcfast-demo, or ./rcfast-demo-<method>)")
     p.add_argument("--seeds", type=int, default=None, help="iekd/dmc: number of seeds (default 3; --quick: 2)")
+    p.add_argument("--data", default=None, choices=("digits", "glyphs"),
+                   help="iekd/dmc: ten classes of scikit-learn's digits (default) or of rcfast.data.glyphs")
     p.add_argument("--quick", action="store_true", help="tiny budgets: a smoke test in well under a minute")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return parser
@@ -177,6 +180,8 @@ def _demo(args) -> int:
         apply_runtime(RuntimeSettings(num_threads=args.threads))
     if args.seeds is not None and (args.seeds <= 0 or args.method == "repcon"):
         raise CliError(f"--seeds must be > 0 and is for --method iekd or dmc, got {args.seeds} with {args.method}")
+    if args.data is not None and args.method == "repcon":
+        raise CliError("--data is for --method iekd or dmc (the repcon demo runs on digits)")
     if args.method != "repcon":
         return _method_demo(args)
     out = Path(args.out or "rcfast-demo").resolve()
@@ -199,6 +204,8 @@ def _method_demo(args) -> int:
     settings = Settings.quick() if args.quick else Settings()
     if args.seeds is not None:
         settings = dataclasses.replace(settings, seeds=args.seeds)
+    if args.data is not None:
+        settings = dataclasses.replace(settings, data=args.data)
     out = Path(args.out or f"rcfast-demo-{args.method}").resolve()
     results = run(out, settings=settings)
     print()

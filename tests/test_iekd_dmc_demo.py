@@ -9,7 +9,7 @@ import torch
 
 from rcfast import cli
 from rcfast.train.demo_iekd import IEKDDemoSettings, run_iekd_demo
-from rcfast.train.method_demos import accuracy, digit_lists, format_mean_std, mean_std, write_list
+from rcfast.train.method_demos import accuracy, digit_lists, format_mean_std, glyph_lists, mean_std, write_list
 
 from helpers.consolidate_runs import restore_global_rng  # noqa: F401
 
@@ -100,6 +100,21 @@ def test_dmc_demo_quick_through_the_cli(tmp_path, capsys, one_thread):
     assert accuracy_["old"]["new"] == [0.0] and accuracy_["new"]["old"] == [0.0]  # each names only its classes
 
 
-def test_seeds_only_for_the_method_demos(capsys):
-    assert cli.main(["demo", "--seeds", "2"]) == 2
-    assert "--seeds" in capsys.readouterr().err
+@pytest.mark.parametrize("args, message", [(["--seeds", "2"], "--seeds"), (["--data", "glyphs"], "--data")])
+def test_seeds_and_data_only_for_the_method_demos(capsys, args, message):
+    assert cli.main(["demo", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_glyph_lists_are_ten_classes_in_three_disjoint_splits(tmp_path):
+    lists = glyph_lists(tmp_path / "glyphs")
+    assert len(lists.names) == 10 and "Georgian" in lists.description
+    for split in (lists.teacher_train, lists.auxiliary, lists.test):
+        assert sorted({label for _, label in split}) == list(range(10))
+        assert len(split) == 10 * 60
+    paths = [{p for p, _ in split} for split in (lists.teacher_train, lists.auxiliary, lists.test)]
+    assert not (paths[0] & paths[1]) and not (paths[2] & (paths[0] | paths[1]))
+    # a class's folder is its label everywhere
+    folders = {Path(p).parent.name: label for p, label in lists.teacher_train + lists.test}
+    assert len(folders) == 10 and sorted(folders.values()) == list(range(10))

@@ -1,18 +1,19 @@
 """``rcfast demo --method dmc``: class-incremental learning by deep model consolidation (arXiv 1903.07864).
 
-On the embedded digits (see :mod:`rcfast.train.method_demos`), at 16x16 pixels,
-classes A = digits 0-4 ("old") and B = digits 5-9 ("new"), per seed:
+On ten classes of the embedded digits or of the glyphs (``data``; see
+:mod:`rcfast.train.method_demos`), at 16x16 pixels by default, classes A = 0-4
+("old") and B = 5-9 ("new"), per seed:
 
 1. the old model is trained with labels on A's images of ``teacher_train``, the
    new model on B's (each a ``small_cnn`` with five outputs);
 2. the DMC student (the same architecture, ten outputs, from scratch) is trained
-   on the unlabeled auxiliary images only (``proxy``, 629 digits no model saw)
+   on the unlabeled auxiliary images only (``auxiliary``: images no model saw)
    with the objective ``double_distill`` of the two models;
 3. baselines: fine-tuning the old model on B's labels alone (its five old
    output rows kept, five new ones added: the forgetting baseline), and joint
    training with all labels of A u B (the oracle).
 
-Every model is scored on the 592 test digits: on A u B (the old and new models
+Every model is scored on the test images: on A u B (the old and new models
 can only name their own classes), and on A and B separately. Mean ± std over
 the seeds.
 """
@@ -26,16 +27,16 @@ from pathlib import Path
 import torch
 
 from rcfast.eval.report import markdown_table
-from rcfast.train.method_demos import (BACKBONE, DemoDirs, RunSettings, accuracy, digit_lists, format_mean_std,
-                                       load_classifier, predict, run_config, run_dict, teacher_entry, test_images,
+from rcfast.train.method_demos import (BACKBONE, DemoDirs, RunSettings, accuracy, format_mean_std, load_classifier,
+                                       predict, run_config, run_dict, task_lists, teacher_entry, test_images,
                                        write_list)
 
 __all__ = ["DMCDemoSettings", "run_dmc_demo"]
 
 OLD, NEW = tuple(range(5)), tuple(range(5, 10))
 LABELS = {
-    "old": "old model (A = 0-4)",
-    "new": "new model (B = 5-9)",
+    "old": "old model (A: classes 0-4)",
+    "new": "new model (B: classes 5-9)",
     "finetune": "fine-tune old on B (labels of B)",
     "dmc": "DMC student (unlabeled auxiliary data)",
     "joint": "joint training on A u B (oracle)",
@@ -48,6 +49,7 @@ class DMCDemoSettings:
     """Budgets; ``quick()`` is a smoke-test size."""
 
     seeds: int = 3
+    data: str = "digits"
     width: int = 8
     model_steps: int = 300
     finetune_steps: int = 150
@@ -76,20 +78,20 @@ def run_dmc_demo(out_dir: str | Path = "rcfast-demo-dmc", quick: bool = False,
                  settings: DMCDemoSettings | None = None, log=print, data_root: str | Path | None = None) -> dict:
     """Run the class-incremental scenario into ``out_dir``; return the results (also ``results.json``, ``report.md``).
 
-    ``data_root``: where the digits are written once (default ``<out_dir>/data``).
+    ``data_root``: where the data set is written once (default ``<out_dir>/data``).
     """
     s = settings or (DMCDemoSettings.quick() if quick else DMCDemoSettings())
     dirs = DemoDirs(Path(out_dir).resolve())
     runs, configs, lists = dirs.runs, dirs.configs, dirs.lists
     started = time.perf_counter()
-    digits = digit_lists(data_root if data_root is not None else dirs.out / "data")
-    test = test_images(digits, lists, s.run)
+    task = task_lists(s.data, data_root if data_root is not None else dirs.out / "data")
+    test = test_images(task, lists, s.run)
     sources = {
-        "old": write_list(lists / "old_A.txt", digits.teacher_train, OLD, relabel=True),
-        "new": write_list(lists / "new_B.txt", digits.teacher_train, NEW, relabel=True),
-        "finetune": write_list(lists / "B_global_labels.txt", digits.teacher_train, NEW),
-        "joint": write_list(lists / "A_and_B.txt", digits.teacher_train),
-        "dmc": digits.auxiliary_folder,  # a flat folder: the images without labels
+        "old": write_list(lists / "old_A.txt", task.teacher_train, OLD, relabel=True),
+        "new": write_list(lists / "new_B.txt", task.teacher_train, NEW, relabel=True),
+        "finetune": write_list(lists / "B_global_labels.txt", task.teacher_train, NEW),
+        "joint": write_list(lists / "A_and_B.txt", task.teacher_train),
+        "dmc": task.auxiliary_folder,  # read without labels
     }
     ce = [{"term": "cross_entropy"}]
     results: dict[str, dict[str, list[float]]] = {name: {c: [] for c in COLUMNS} for name in LABELS}
@@ -117,7 +119,9 @@ def run_dmc_demo(out_dir: str | Path = "rcfast-demo-dmc", quick: bool = False,
             predictions, labels = predict(load_classifier(final, BACKBONE, len(outputs), {"width": s.width}), test)
             for column, among in (("all", None), ("old", OLD), ("new", NEW)):
                 results[name][column].append(accuracy(predictions, labels, classes=outputs, among=among))
-    summary = {"accuracy": results, "settings": asdict(s), "total_seconds": time.perf_counter() - started}
+    summary = {"accuracy": results, "settings": asdict(s), "data": task.description, "classes": task.names,
+               "sizes": {"auxiliary": len(task.auxiliary), "test": len(task.test)},
+               "total_seconds": time.perf_counter() - started}
     (dirs.out / "results.json").write_text(json.dumps(summary, indent=1))
     summary["table"] = markdown_table(
         {LABELS[name]: {COLUMNS[c]: format_mean_std(v) for c, v in per.items()} for name, per in results.items()},
@@ -127,12 +131,15 @@ def run_dmc_demo(out_dir: str | Path = "rcfast-demo-dmc", quick: bool = False,
 
 
 def _report(summary: dict, s: DMCDemoSettings) -> str:
-    return f"""# DMC on digits: class-incremental consolidation of an old (0-4) and a new (5-9) model
+    names = summary["classes"]
+    return f"""# DMC: class-incremental consolidation of an old and a new model
 
-All models `{BACKBONE}` width {s.width}, {s.run.image_size}x{s.run.image_size} pixels, batch {s.run.batch_size}; old,
-new and joint models {s.model_steps} steps with labels; fine-tuning {s.finetune_steps} steps on B's labels; the DMC
-student {s.dmc_steps} steps on 629 unlabeled auxiliary digits (objective `double_distill`); {s.seeds} seeds
-(mean ± sample std). Test: 592 digits no model trained on; columns: all of them, those of A, those of B.
+Data: {summary['data']}; A = {' '.join(names[:5])} (the old model's classes), B = {' '.join(names[5:])} (the new
+model's). All models `{BACKBONE}` width {s.width}, {s.run.image_size}x{s.run.image_size} pixels, batch
+{s.run.batch_size}; old, new and joint models {s.model_steps} steps with labels; fine-tuning {s.finetune_steps} steps on
+B's labels; the DMC student {s.dmc_steps} steps on {summary['sizes']['auxiliary']} unlabeled auxiliary images
+(objective `double_distill`); {s.seeds} seeds (mean ± sample std). Test: {summary['sizes']['test']} images no model
+trained on; columns: all of them, those of A, those of B.
 
 {summary['table']}
 

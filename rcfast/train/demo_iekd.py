@@ -1,17 +1,18 @@
 """``rcfast demo --method iekd``: does inheritance and exploration beat plain KD? (arXiv 2107.00181)
 
-On the embedded digits (see :mod:`rcfast.train.method_demos`), at 16x16 pixels:
+On ten classes of the embedded digits or of the glyphs (``data``; see
+:mod:`rcfast.train.method_demos`), at 16x16 pixels by default:
 
 1. a teacher (``small_cnn``, width 16) is trained with labels on the whole
-   training pool (1,205 images), and its last feature map's auto-encoder is
-   pretrained (objective ``factor_reconstruction``);
+   training pool, and its last feature map's auto-encoder is pretrained
+   (objective ``factor_reconstruction``);
 2. students (``small_cnn``, width 8) get only ``labels_per_class`` labeled
-   images per digit (the first ones of the pool) and, per seed, are trained as
+   images per class (the first ones of the pool) and, per seed, are trained as
    (i) cross-entropy from scratch; (ii) + KD from the teacher (``multihead_kd``);
    (iii) + KD + IE-KD (``iekd_inherit`` + ``iekd_explore``) with each exploration
    loss; (iv) deep mutual learning of two such students (``mutual_learning``),
    without and with IE-KD between them;
-3. every student is scored on the 592 test digits; the table gives mean ± std
+3. every student is scored on the test images; the table gives mean ± std
    over the seeds, and the paper's claim "(iii) beats (ii)" is checked per
    exploration loss on the paired (same seed) differences.
 
@@ -26,13 +27,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rcfast.eval.report import markdown_table
-from rcfast.train.method_demos import (BACKBONE, FEATURE_LAYER, DemoDirs, RunSettings, accuracy, digit_lists,
-                                       format_mean_std, load_classifier, mean_std, predict, run_config, run_dict,
+from rcfast.train.method_demos import (BACKBONE, FEATURE_LAYER, DemoDirs, RunSettings, accuracy, format_mean_std,
+                                       load_classifier, mean_std, predict, run_config, run_dict, task_lists,
                                        teacher_entry, test_images, write_list)
 
 __all__ = ["IEKDDemoSettings", "run_iekd_demo"]
 
 EXPLORATIONS = ("l1", "cos", "cka")
+HEAD = "task"
 LABELS = {
     "scratch": "(i) scratch, labels only",
     "kd": "(ii) + KD",
@@ -47,6 +49,7 @@ class IEKDDemoSettings:
     """Budgets and hyper-parameters; ``quick()`` is a smoke-test size."""
 
     seeds: int = 3
+    data: str = "digits"
     labels_per_class: int = 10
     teacher_width: int = 16
     student_width: int = 8
@@ -68,17 +71,17 @@ class IEKDDemoSettings:
 
 def _first_per_class(items, per_class: int):
     chosen, counts = [], {}
-    for path, digit in items:
-        if counts.get(digit, 0) < per_class:
-            chosen.append((path, digit))
-            counts[digit] = counts.get(digit, 0) + 1
+    for path, label in items:
+        if counts.get(label, 0) < per_class:
+            chosen.append((path, label))
+            counts[label] = counts.get(label, 0) + 1
     return chosen
 
 
 def _student_objectives(s: IEKDDemoSettings, autoencoder: Path) -> dict[str, tuple[list, bool]]:
     """``{run: (objective, uses the teacher)}`` of the students."""
     kd = [{"term": "cross_entropy"},
-          {"term": "multihead_kd", "heads": {"digits": "teacher"}, "temperature": s.temperature,
+          {"term": "multihead_kd", "heads": {HEAD: "teacher"}, "temperature": s.temperature,
            "weight": s.kd_weight}]
     runs = {"scratch": ([{"term": "cross_entropy"}], False), "kd": (kd, True)}
     for kind in EXPLORATIONS:
@@ -99,24 +102,24 @@ def run_iekd_demo(out_dir: str | Path = "rcfast-demo-iekd", quick: bool = False,
                   settings: IEKDDemoSettings | None = None, log=print, data_root: str | Path | None = None) -> dict:
     """Run the IE-KD comparison into ``out_dir``; return the results (also ``results.json``, ``report.md``).
 
-    ``data_root``: where the digits are written once (default ``<out_dir>/data``).
+    ``data_root``: where the data set is written once (default ``<out_dir>/data``).
     """
     s = settings or (IEKDDemoSettings.quick() if quick else IEKDDemoSettings())
     dirs = DemoDirs(Path(out_dir).resolve())
     runs, configs, lists = dirs.runs, dirs.configs, dirs.lists
     started = time.perf_counter()
-    digits = digit_lists(data_root if data_root is not None else dirs.out / "data")
-    test = test_images(digits, lists, s.run)
-    pool = write_list(lists / "pool.txt", digits.pool)
-    labeled = write_list(lists / "student_labeled.txt", _first_per_class(digits.pool, s.labels_per_class))
+    task = task_lists(s.data, data_root if data_root is not None else dirs.out / "data")
+    test = test_images(task, lists, s.run)
+    pool = write_list(lists / "pool.txt", task.pool)
+    labeled = write_list(lists / "student_labeled.txt", _first_per_class(task.pool, s.labels_per_class))
 
-    digits_head = {"digits": 10}
+    head = {HEAD: 10}
     run_config(run_dict(s.run, out_dir=runs / "teacher", seed=0, steps=s.teacher_steps, source=pool,
-                        heads=digits_head, width=s.teacher_width, objective=[{"term": "cross_entropy"}]),
+                        heads=head, width=s.teacher_width, objective=[{"term": "cross_entropy"}]),
                configs, "teacher", log)
     teacher = teacher_entry("teacher", runs / "teacher" / "final.pt", 10, s.teacher_width)
     run_config(run_dict(s.run, out_dir=runs / "teacher_autoencoder", seed=0, steps=s.autoencoder_steps,
-                        source=pool, labels=False, heads=digits_head, width=s.student_width, teachers=[teacher],
+                        source=pool, labels=False, heads=head, width=s.student_width, teachers=[teacher],
                         objective=[{"term": "factor_reconstruction", "layer": FEATURE_LAYER,
                                     "factor_channels": s.factor_channels}]),
                configs, "teacher_autoencoder", log)
@@ -127,12 +130,13 @@ def run_iekd_demo(out_dir: str | Path = "rcfast-demo-iekd", quick: bool = False,
         for name, (objective, uses_teacher) in _student_objectives(s, runs / "teacher_autoencoder").items():
             run_name = f"{name}_seed{seed}"
             run_config(run_dict(s.run, out_dir=runs / run_name, seed=seed, steps=s.student_steps, source=labeled,
-                                heads=digits_head, width=s.student_width, objective=objective,
+                                heads=head, width=s.student_width, objective=objective,
                                 teachers=[teacher] if uses_teacher else []),
                        configs, run_name, log)
             student = load_classifier(runs / run_name / "final.pt", BACKBONE, 10, {"width": s.student_width})
             results["students"].setdefault(name, []).append(accuracy(*predict(student, test)))
-    results.update(claims=_claims(results["students"]), settings=asdict(s),
+    results.update(claims=_claims(results["students"]), settings=asdict(s), data=task.description,
+                   sizes={"pool": len(task.pool), "test": len(task.test)},
                    total_seconds=time.perf_counter() - started)
     (dirs.out / "results.json").write_text(json.dumps(results, indent=1))
     results["table"] = _table(results)
@@ -163,13 +167,13 @@ def _report(results: dict, s: IEKDDemoSettings) -> str:
     claims = "\n".join(
         f"- {kind}: (iii) - (ii) = {100 * c['mean']:+.1f} ± {100 * c['std']:.1f} points; (iii) higher on "
         f"{c['wins']} of {c['seeds']} seeds" for kind, c in results["claims"].items())
-    return f"""# IE-KD on digits: does inheritance and exploration beat plain KD?
+    return f"""# IE-KD: does inheritance and exploration beat plain KD?
 
-Students: `{BACKBONE}` width {s.student_width}, {s.labels_per_class} labeled images per digit, {s.student_steps} steps,
-batch {s.run.batch_size}, {s.run.image_size}x{s.run.image_size} pixels; teacher width {s.teacher_width} trained on all
-1,205 training images ({s.teacher_steps} steps); KD temperature {s.temperature}; IE-KD weights
-{s.inherit_weight} / {s.explore_weight}, factor channels {s.factor_channels}; {s.seeds} seeds (mean ± sample std).
-Test: 592 digits no model trained on.
+Data: {results['data']}. Students: `{BACKBONE}` width {s.student_width}, {s.labels_per_class} labeled images per
+class, {s.student_steps} steps, batch {s.run.batch_size}, {s.run.image_size}x{s.run.image_size} pixels; teacher
+width {s.teacher_width} trained on all {results['sizes']['pool']} training images ({s.teacher_steps} steps); KD
+temperature {s.temperature}; IE-KD weights {s.inherit_weight} / {s.explore_weight}, factor channels
+{s.factor_channels}; {s.seeds} seeds (mean ± sample std). Test: {results['sizes']['test']} images no model trained on.
 
 {results['table']}
 

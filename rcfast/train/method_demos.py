@@ -1,17 +1,20 @@
-"""What the IE-KD and DMC demos share: labeled digit lists, config-driven runs, accuracy, seed statistics.
+"""What the IE-KD and DMC demos share: labeled image lists, config-driven runs, accuracy, seed statistics.
 
-The data is scikit-learn's handwritten digits as written by
-:func:`rcfast.data.demo_dataset` (nothing downloads). Its folders split the
-images for the representation-consolidation demo; here every plain rendering is
-labeled with its digit again -- a file is named by its index in
-``load_digits()`` -- and written into ``path label`` list files that
-``ProxyImages`` reads with global labels:
+Both demos run on ten classes, split the same way (:class:`TaskLists`): a
+labeled training pool whose two halves are ``teacher_train`` and ``auxiliary``
+(the latter used unlabeled by DMC), and a test set no model trains on. Lists are
+``path label`` files that ``ProxyImages`` reads with these global labels.
+Nothing downloads. Two data sets (``data=``):
 
-- ``pool``: ``teacher_all/train`` and ``proxy`` (1,205 images), for training;
-- ``test``: ``teacher_all/test`` and ``downstream/parity`` (592 images), never
-  trained on by any model of either demo;
-- ``teacher_train`` (``teacher_all/train``, 576) and ``auxiliary`` (``proxy``,
-  629, used unlabeled), the two halves of ``pool``, for DMC.
+- ``"digits"`` (default): scikit-learn's handwritten digits as written by
+  :func:`rcfast.data.demo_dataset`, every plain rendering labeled with its digit
+  again (a file is named by its index in ``load_digits()``): ``teacher_train``
+  = ``teacher_all/train`` (576), ``auxiliary`` = ``proxy`` (629), ``test`` =
+  ``teacher_all/test`` and ``downstream/parity`` (592);
+- ``"glyphs"``: ten classes of one script of :mod:`rcfast.data.glyphs`
+  (characters rendered from matplotlib's fonts over varied backgrounds; the
+  first ten of ``split_classes(script, ...)``), 60 images per class in each of
+  ``teacher_train``, ``auxiliary`` and ``test``.
 
 Every run is a YAML config under ``<out>/configs`` trained by
 ``Consolidator.from_config`` -- what ``rcfast consolidate --config`` does.
@@ -34,11 +37,12 @@ from rcfast.train.config import config_from_dict, dump_config, load_config
 from rcfast.train.consolidator import Consolidator
 from rcfast.train.teachers import extract_model_state
 
-__all__ = ["BACKBONE", "FEATURE_LAYER", "RunSettings", "DemoDirs", "DigitLists", "digit_lists", "write_list",
+__all__ = ["BACKBONE", "FEATURE_LAYER", "DATA_SETS", "RunSettings", "DemoDirs", "TaskLists", "digit_lists",
+           "glyph_lists", "task_lists", "write_list",
            "test_images", "run_dict",
            "teacher_entry", "run_config", "load_classifier", "predict", "accuracy", "mean_std", "format_mean_std"]
 
-Item = tuple[str, int]  # (image path, digit)
+Item = tuple[str, int]  # (image path, label)
 
 BACKBONE = "small_cnn"
 FEATURE_LAYER = "backbone.body.13"
@@ -57,10 +61,17 @@ class RunSettings:
     data_threads: int = 1
 
 
-@dataclass
-class DigitLists:
-    """Labeled digit images (path, digit), see the module docstring."""
+DATA_SETS = ("digits", "glyphs")
+GLYPH_SCRIPT = "Georgian"
+GLYPHS_PER_SPLIT = 60
 
+
+@dataclass
+class TaskLists:
+    """A ten-class task as labeled images ``(path, label)``, see the module docstring."""
+
+    description: str
+    names: list[str]
     teacher_train: list[Item]
     auxiliary: list[Item]
     test: list[Item]
@@ -71,12 +82,11 @@ class DigitLists:
         return sorted(self.teacher_train + self.auxiliary)
 
 
-def _labeled(folder: Path, targets) -> list[Item]:
-    # File names are indices into load_digits(): the digit is read back from there.
-    return sorted((str(p), int(targets[int(p.stem)])) for p in folder.rglob("*.png"))
+def _labeled(folder: Path, label_of) -> list[Item]:
+    return sorted((str(p), int(label_of(p))) for p in Path(folder).rglob("*.png"))
 
 
-def digit_lists(root: str | Path) -> DigitLists:
+def digit_lists(root: str | Path) -> TaskLists:
     """The digits under ``root`` (written by ``demo_dataset`` on first use), relabeled by digit."""
     from sklearn.datasets import load_digits
 
@@ -85,11 +95,42 @@ def digit_lists(root: str | Path) -> DigitLists:
     manifest = demo_dataset(root)
     targets = load_digits().target
     root = Path(manifest["root"])
-    test = (_labeled(root / "teacher_all" / "test", targets)
-            + _labeled(Path(manifest["downstream"]["parity"]["train"]).parent, targets))
-    return DigitLists(teacher_train=_labeled(root / "teacher_all" / "train", targets),
-                      auxiliary=_labeled(root / "proxy", targets), test=sorted(test),
-                      auxiliary_folder=manifest["proxy"]["path"])
+
+    def digit(path: Path) -> int:  # file names are indices into load_digits()
+        return targets[int(path.stem)]
+
+    test = (_labeled(root / "teacher_all" / "test", digit)
+            + _labeled(Path(manifest["downstream"]["parity"]["train"]).parent, digit))
+    return TaskLists(description="scikit-learn's handwritten digits", names=[str(d) for d in range(10)],
+                     teacher_train=_labeled(root / "teacher_all" / "train", digit),
+                     auxiliary=_labeled(root / "proxy", digit), test=sorted(test),
+                     auxiliary_folder=manifest["proxy"]["path"])
+
+
+def glyph_lists(root: str | Path, script: str = GLYPH_SCRIPT, seed: int = 0) -> TaskLists:
+    """Ten glyph classes of ``script`` under ``root`` (rendered on first use), in three splits of 60 per class."""
+    from rcfast.data.glyphs import available_scripts, glyph_dataset, split_classes
+
+    total = available_scripts()[script]
+    classes, _ = split_classes(script, [10, total - 10], seed=seed)
+    ds = glyph_dataset(root, classes, splits={split: GLYPHS_PER_SPLIT for split in ("train", "auxiliary", "test")},
+                       seed=seed)
+    index = {cid: i for i, cid in enumerate(ds.classes)}
+
+    def label(path: Path) -> int:  # class folders are class ids
+        return index[path.parent.name]
+
+    return TaskLists(description=f"ten {script} glyph classes ({' '.join(ds.chars)}) of rcfast.data.glyphs",
+                     names=list(ds.chars), teacher_train=_labeled(ds.splits["train"], label),
+                     auxiliary=_labeled(ds.splits["auxiliary"], label), test=_labeled(ds.splits["test"], label),
+                     auxiliary_folder=ds.splits["auxiliary"])
+
+
+def task_lists(data: str, root: str | Path) -> TaskLists:
+    """The ten-class task ``data`` (``"digits"`` or ``"glyphs"``) written under ``root``."""
+    if data not in DATA_SETS:
+        raise ValueError(f"data must be one of {DATA_SETS}, got {data!r}")
+    return digit_lists(root) if data == "digits" else glyph_lists(root)
 
 
 @dataclass
@@ -113,10 +154,10 @@ class DemoDirs:
 
 def write_list(path: str | Path, items: Sequence[Item], classes: Sequence[int] | None = None,
                relabel: bool = False) -> str:
-    """Write ``path label`` lines of the items whose digit is in ``classes`` (all by default).
+    """Write ``path label`` lines of the items whose label is in ``classes`` (all ten by default).
 
-    ``relabel``: label each image by its digit's position in ``classes`` (a model
-    over those classes only) instead of by the digit.
+    ``relabel``: label each image by its label's position in ``classes`` (a model
+    over those classes only) instead of by its global label.
     """
     keep = list(range(10)) if classes is None else list(classes)
     lines = [f"{p} {keep.index(d) if relabel else d}" for p, d in items if d in keep]
@@ -127,11 +168,11 @@ def write_list(path: str | Path, items: Sequence[Item], classes: Sequence[int] |
     return str(path)
 
 
-def test_images(digits: DigitLists, lists_dir: Path, settings: "RunSettings"):
-    """The test digits (global labels) as a ``ProxyImages`` pipeline, in file order."""
+def test_images(task: TaskLists, lists_dir: Path, settings: "RunSettings"):
+    """The test images (global labels) as a ``ProxyImages`` pipeline, in file order."""
     from rcfast.data import ProxyImages
 
-    return ProxyImages(write_list(lists_dir / "test.txt", digits.test), image_size=settings.image_size,
+    return ProxyImages(write_list(lists_dir / "test.txt", task.test), image_size=settings.image_size,
                        batch_size=256, device="cpu", augment="none", labels=True, shuffle=False, drop_last=False,
                        backend=settings.data_backend, num_threads=settings.data_threads)
 
@@ -142,7 +183,7 @@ def run_dict(settings: RunSettings, *, out_dir: Path, seed: int, steps: int, sou
     return {
         "student": {"backbone": BACKBONE, "backbone_kwargs": {"width": width}, "heads": dict(heads)},
         "teachers": list(teachers),
-        # Digits are small and centred: no crops or flips (a flipped 2 is not a 2).
+        # Digits and glyphs are centred, and a mirrored character is another one: no crops or flips.
         "data": {"source": source, "labels": labels, "image_size": settings.image_size,
                  "batch_size": settings.batch_size, "augment": "none", "shuffle": True, "drop_last": True,
                  "backend": settings.data_backend, "num_threads": settings.data_threads},
