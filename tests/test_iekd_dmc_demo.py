@@ -43,6 +43,20 @@ def test_write_list_keeps_and_relabels_classes(tmp_path):
         write_list(tmp_path / "x.txt", items, classes=[0])
 
 
+def test_task_lists_checks_the_data_name_and_the_extras_before_any_work(tmp_path, monkeypatch):
+    import rcfast.extras
+    from rcfast.extras import MissingExtraError
+    from rcfast.train.method_demos import task_lists
+
+    with pytest.raises(ValueError, match="data must be one of"):
+        task_lists("cifar", tmp_path)
+    real = rcfast.extras._importable
+    monkeypatch.setattr(rcfast.extras, "_importable", lambda module: module != "sklearn" and real(module))
+    with pytest.raises(MissingExtraError, match=r"IE-KD/DMC demos needs scikit-learn.*rcfast\[train\]"):
+        task_lists("digits", tmp_path / "digits")
+    assert not any(tmp_path.iterdir())  # nothing written before the check
+
+
 @pytest.fixture(scope="module")
 def digits_root(tmp_path_factory):
     """The digits written once for the module's tests."""

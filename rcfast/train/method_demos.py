@@ -128,8 +128,11 @@ def glyph_lists(root: str | Path, script: str = GLYPH_SCRIPT, seed: int = 0) -> 
 
 def task_lists(data: str, root: str | Path) -> TaskLists:
     """The ten-class task ``data`` (``"digits"`` or ``"glyphs"``) written under ``root``."""
+    from rcfast.extras import require
+
     if data not in DATA_SETS:
         raise ValueError(f"data must be one of {DATA_SETS}, got {data!r}")
+    require(f"the {data} task of the IE-KD/DMC demos", "sklearn", "PIL", "yaml")  # before any work
     return digit_lists(root) if data == "digits" else glyph_lists(root)
 
 
