@@ -20,16 +20,14 @@ the seeds.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from rcfast.eval.report import markdown_table
-from rcfast.train.method_demos import (BACKBONE, DemoDirs, RunSettings, accuracy, format_mean_std, load_classifier,
-                                       predict, run_config, run_dict, task_lists, teacher_entry, test_images,
-                                       write_list)
+from rcfast.train.method_demos import (BACKBONE, RunSettings, accuracy, format_mean_std, load_classifier, predict,
+                                       run_config, run_dict, start_demo, teacher_entry, write_list)
 
 __all__ = ["DMCDemoSettings", "run_dmc_demo"]
 
@@ -81,11 +79,8 @@ def run_dmc_demo(out_dir: str | Path = "rcfast-demo-dmc", quick: bool = False,
     ``data_root``: where the data set is written once (default ``<out_dir>/data``).
     """
     s = settings or (DMCDemoSettings.quick() if quick else DMCDemoSettings())
-    dirs = DemoDirs(Path(out_dir).resolve())
+    dirs, task, test = start_demo(out_dir, s.data, s.run, data_root)
     runs, configs, lists = dirs.runs, dirs.configs, dirs.lists
-    started = time.perf_counter()
-    task = task_lists(s.data, data_root if data_root is not None else dirs.out / "data")
-    test = test_images(task, lists, s.run)
     sources = {
         "old": write_list(lists / "old_A.txt", task.teacher_train, OLD, relabel=True),
         "new": write_list(lists / "new_B.txt", task.teacher_train, NEW, relabel=True),
@@ -121,7 +116,7 @@ def run_dmc_demo(out_dir: str | Path = "rcfast-demo-dmc", quick: bool = False,
                 results[name][column].append(accuracy(predictions, labels, classes=outputs, among=among))
     summary = {"accuracy": results, "settings": asdict(s), "data": task.description, "classes": task.names,
                "sizes": {"auxiliary": len(task.auxiliary), "test": len(task.test)},
-               "total_seconds": time.perf_counter() - started}
+               "total_seconds": dirs.elapsed()}
     (dirs.out / "results.json").write_text(json.dumps(summary, indent=1))
     summary["table"] = markdown_table(
         {LABELS[name]: {COLUMNS[c]: format_mean_std(v) for c, v in per.items()} for name, per in results.items()},

@@ -22,14 +22,13 @@ sets their initial weights and the order of their batches.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rcfast.eval.report import markdown_table
-from rcfast.train.method_demos import (BACKBONE, FEATURE_LAYER, DemoDirs, RunSettings, accuracy, format_mean_std,
-                                       load_classifier, mean_std, predict, run_config, run_dict, task_lists,
-                                       teacher_entry, test_images, write_list)
+from rcfast.train.method_demos import (BACKBONE, FEATURE_LAYER, RunSettings, accuracy, format_mean_std,
+                                       load_classifier, mean_std, predict, run_config, run_dict, start_demo,
+                                       teacher_entry, write_list)
 
 __all__ = ["IEKDDemoSettings", "run_iekd_demo"]
 
@@ -105,11 +104,8 @@ def run_iekd_demo(out_dir: str | Path = "rcfast-demo-iekd", quick: bool = False,
     ``data_root``: where the data set is written once (default ``<out_dir>/data``).
     """
     s = settings or (IEKDDemoSettings.quick() if quick else IEKDDemoSettings())
-    dirs = DemoDirs(Path(out_dir).resolve())
+    dirs, task, test = start_demo(out_dir, s.data, s.run, data_root)
     runs, configs, lists = dirs.runs, dirs.configs, dirs.lists
-    started = time.perf_counter()
-    task = task_lists(s.data, data_root if data_root is not None else dirs.out / "data")
-    test = test_images(task, lists, s.run)
     pool = write_list(lists / "pool.txt", task.pool)
     labeled = write_list(lists / "student_labeled.txt", _first_per_class(task.pool, s.labels_per_class))
 
@@ -137,7 +133,7 @@ def run_iekd_demo(out_dir: str | Path = "rcfast-demo-iekd", quick: bool = False,
             results["students"].setdefault(name, []).append(accuracy(*predict(student, test)))
     results.update(claims=_claims(results["students"]), settings=asdict(s), data=task.description,
                    sizes={"pool": len(task.pool), "test": len(task.test)},
-                   total_seconds=time.perf_counter() - started)
+                   total_seconds=dirs.elapsed())
     (dirs.out / "results.json").write_text(json.dumps(results, indent=1))
     results["table"] = _table(results)
     (dirs.out / "report.md").write_text(_report(results, s))

@@ -24,7 +24,8 @@ from __future__ import annotations
 import math
 import shutil
 import statistics
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -37,7 +38,7 @@ from rcfast.train.config import config_from_dict, dump_config, load_config
 from rcfast.train.consolidator import Consolidator
 from rcfast.train.teachers import extract_model_state
 
-__all__ = ["BACKBONE", "FEATURE_LAYER", "DATA_SETS", "RunSettings", "DemoDirs", "TaskLists", "digit_lists",
+__all__ = ["BACKBONE", "FEATURE_LAYER", "DATA_SETS", "RunSettings", "DemoDirs", "TaskLists", "start_demo", "digit_lists",
            "glyph_lists", "task_lists", "write_list",
            "test_images", "run_dict",
            "teacher_entry", "run_config", "load_classifier", "predict", "accuracy", "mean_std", "format_mean_std"]
@@ -141,6 +142,11 @@ class DemoDirs:
     """A demo's output folder: ``runs/`` (one per run), ``configs/`` (their YAML), ``lists/`` (image lists)."""
 
     out: Path
+    started: float = field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        """Seconds since the demo started."""
+        return time.perf_counter() - self.started
 
     @property
     def runs(self) -> Path:
@@ -178,6 +184,14 @@ def test_images(task: TaskLists, lists_dir: Path, settings: "RunSettings"):
     return ProxyImages(write_list(lists_dir / "test.txt", task.test), image_size=settings.image_size,
                        batch_size=256, device="cpu", augment="none", labels=True, shuffle=False, drop_last=False,
                        backend=settings.data_backend, num_threads=settings.data_threads)
+
+
+def start_demo(out_dir: str | Path, data: str, settings: RunSettings,
+               data_root: str | Path | None = None) -> tuple[DemoDirs, TaskLists, object]:
+    """A demo's output folders, its task (written once under ``data_root``, default ``<out_dir>/data``) and test images."""
+    dirs = DemoDirs(Path(out_dir).resolve())
+    task = task_lists(data, data_root if data_root is not None else dirs.out / "data")
+    return dirs, task, test_images(task, dirs.lists, settings)
 
 
 def run_dict(settings: RunSettings, *, out_dir: Path, seed: int, steps: int, source: str, heads: dict,
