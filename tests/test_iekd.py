@@ -365,3 +365,26 @@ def test_autoencoder_from_state_dict_round_trips_and_rejects_other_dicts():
     del broken["decoder.layers.1.weight"]
     with pytest.raises(ValueError, match="does not load"):
         FactorAutoEncoder.from_state_dict(broken)
+
+
+def test_import_rcfast_loads_neither_iekd_nor_the_models():
+    """IE-KD and DMC are loaded on first use, so ``import rcfast`` stays the fused loss alone."""
+    import os
+    import subprocess
+    import sys
+
+    import rcfast.losses
+    import rcfast.losses.dmc
+    import rcfast.losses.iekd
+
+    code = ("import sys, rcfast; print(sorted(m for m in sys.modules "
+            "if m.startswith(('rcfast.models', 'rcfast.losses.iekd', 'rcfast.losses.dmc'))))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+    assert rcfast.losses.IEKDLoss is rcfast.losses.iekd.IEKDLoss
+    assert rcfast.losses.double_distill_loss is rcfast.losses.dmc.double_distill_loss
+    assert set(rcfast.losses.__all__) <= set(dir(rcfast.losses))
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        rcfast.losses.nothing  # noqa: B018
