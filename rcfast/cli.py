@@ -7,10 +7,12 @@
   with ``train/`` and ``test/`` class folders.
 - ``rcfast bench [args]``: the loss benchmark ``bench/bench_kd_loss.py`` of a
   source checkout, in script mode.
-- ``rcfast demo [--out DIR] [--quick]``: the end-to-end digits demo.
 - ``rcfast rank-teachers --repo DIR --target DIR [--json out.json]``: rank a
   folder of teacher checkpoints by relatedness to a labeled target folder
   (optimal transport; see :mod:`rcfast.select`).
+- ``rcfast demo [--out DIR] [--quick]``: the end-to-end digits demo;
+  ``--method iekd|dmc [--seeds N] [--data digits|glyphs]``: the IE-KD or DMC
+  comparison instead.
 
 Configuration and input errors -- and a run that diverges, loses a DDP peer,
 or meets an unusable checkpoint -- print one ``rcfast: error: ...`` line and
@@ -44,6 +46,9 @@ COMMAND_NEEDS = {
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCH_SCRIPT = REPO_ROOT / "bench" / "bench_kd_loss.py"
+
+
+DEMO_METHODS = ("repcon", "iekd", "dmc")
 
 
 class CliError(Exception):
@@ -80,8 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run bench/bench_kd_loss.py (needs the source checkout)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark script")
 
-    p = sub.add_parser("demo", help="end-to-end representation-consolidation demo on digits")
-    p.add_argument("--out", default="rcfast-demo", help="output folder (default: ./rcfast-demo)")
+    p = sub.add_parser("demo", help="end-to-end demo on digits: representation consolidation, IE-KD or DMC")
+    p.add_argument("--method", default="repcon", choices=DEMO_METHODS,
+                   help="repcon (default): consolidation and transfer; iekd: inheritance and exploration KD vs KD "
+                        "and mutual learning; dmc: class-incremental deep model consolidation")
+    p.add_argument("--out", default=None, help="output folder (default: ./rcfast-demo, or ./rcfast-demo-<method>)")
+    p.add_argument("--seeds", type=int, default=None, help="iekd/dmc: number of seeds (default 3; --quick: 2)")
+    p.add_argument("--data", default=None, choices=("digits", "glyphs"),
+                   help="iekd/dmc: ten classes of scikit-learn's digits (default) or of rcfast.data.glyphs")
     p.add_argument("--quick", action="store_true", help="tiny budgets: a smoke test in well under a minute")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
@@ -190,8 +201,14 @@ def _demo(args) -> int:
         if args.threads <= 0:
             raise CliError(f"--threads must be > 0, got {args.threads}")
         apply_runtime(RuntimeSettings(num_threads=args.threads))
-    results = run_demo(args.out, quick=args.quick)
-    out = Path(args.out).resolve()
+    if args.seeds is not None and (args.seeds <= 0 or args.method == "repcon"):
+        raise CliError(f"--seeds must be > 0 and is for --method iekd or dmc, got {args.seeds} with {args.method}")
+    if args.data is not None and args.method == "repcon":
+        raise CliError("--data is for --method iekd or dmc (the repcon demo runs on digits)")
+    if args.method != "repcon":
+        return _method_demo(args)
+    out = Path(args.out or "rcfast-demo").resolve()
+    results = run_demo(out, quick=args.quick)
     print()
     print(results["table"])
     print(f"\nDemo finished in {results['total_seconds']:.0f} s. Report: {out / 'report.md'}, "
@@ -257,6 +274,28 @@ def _rank_teachers(args) -> int:
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(result, indent=1))
         os.replace(tmp, path)  # never a half-written file
+    return 0
+
+
+def _method_demo(args) -> int:
+    """``rcfast demo --method iekd|dmc``: the IE-KD or DMC comparison over several seeds."""
+    import dataclasses
+
+    if args.method == "iekd":
+        from rcfast.train.demo_iekd import IEKDDemoSettings as Settings, run_iekd_demo as run
+    else:
+        from rcfast.train.demo_dmc import DMCDemoSettings as Settings, run_dmc_demo as run
+    settings = Settings.quick() if args.quick else Settings()
+    if args.seeds is not None:
+        settings = dataclasses.replace(settings, seeds=args.seeds)
+    if args.data is not None:
+        settings = dataclasses.replace(settings, data=args.data)
+    out = Path(args.out or f"rcfast-demo-{args.method}").resolve()
+    results = run(out, settings=settings)
+    print()
+    print(results["table"])
+    print(f"\nDemo finished in {results['total_seconds']:.0f} s. Report: {out / 'report.md'}, "
+          f"results: {out / 'results.json'}")
     return 0
 
 
