@@ -5,7 +5,7 @@ trains a tiny student from two seeded random teachers on in-memory images
 (``TensorProxy``) or, with ``--image-dir``, on an image folder through
 ``rcfast.data.ProxyImages``. ``--hang-after N`` makes it write ``DIR/hung`` after
 step N and then sleep, so a test can ``SIGKILL`` it at a known point. Under
-``torchrun`` it runs DDP (gloo) with ``--batch-size`` images per rank.
+``torchrun`` it runs DDP (gloo; NCCL with ``--device cuda``) with ``--batch-size`` images per rank.
 ``--probe-term`` adds the test term ``regression_probe`` (trainable parameters
 of its own) to the objective. ``--stop-rank R --stop-after N --stop-how
 exit|hang`` makes rank R leave (``os._exit(0)``) or hang after step N, for the
@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--image-backend", default="auto")
     parser.add_argument("--norm", default="batch")
     parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--device", default="cpu", help="cuda: the GPU tests (NCCL under torchrun)")
     parser.add_argument("--loss-backend", default="auto")
     parser.add_argument("--probe-term", action="store_true")
     parser.add_argument("--stop-rank", type=int, default=None)
@@ -55,7 +56,7 @@ def main() -> None:
                         loss_backend=args.loss_backend, dist_timeout_s=args.dist_timeout)
     apply_runtime(train)
     # Join the torchrun group first: datasets take their shard from it when built.
-    ctx = setup_distributed("cpu", timeout_s=args.dist_timeout)
+    ctx = setup_distributed(args.device, timeout_s=args.dist_timeout)
     torch.manual_seed(1234)
     teachers = {"task": build_classifier("small_cnn", 3, width=4), "generalist": build_classifier("small_cnn", 6, width=4)}
     with torch.no_grad():  # sharpen the random teachers so the student gets a real signal
