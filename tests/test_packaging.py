@@ -42,8 +42,8 @@ def test_extras_cover_the_optional_features():
     extras = _pyproject()["project"]["optional-dependencies"]
     names = {extra: {dep.split(";")[0].split(">")[0].split("=")[0].strip().lower() for dep in deps}
              for extra, deps in extras.items()}
-    assert {"pyyaml", "tqdm", "scikit-learn", "pillow", "matplotlib"} <= names["train"]
-    assert {"pillow", "nvidia-dali-cuda120"} <= names["data"]
+    assert {"pyyaml", "tqdm", "scikit-learn", "matplotlib", "rcfast[data]"} <= names["train"]
+    assert {"pillow", "simplejpeg", "threadpoolctl", "nvidia-dali-cuda120"} <= names["data"]
     assert names["ot"] == {"pot"}
     assert extras["all"] == ["rcfast[train,data,ot,triton]"]
 
