@@ -71,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = kinds.add_parser("transfer", help="the paper's transfer protocol on glyphs: teachers, students, "
                                           "few-shot probes, claims (docs/benchmark.md)")
     p.add_argument("--seeds", type=int, default=None, help="replicates, seeds 0..N-1 (default 3; 2 with --quick)")
-    p.add_argument("--quick", action="store_true", help="smoke-test size (about a minute of CPU)")
+    p.add_argument("--quick", action="store_true", help="smoke-test size (about a minute of CPU); same as "
+                                                        "--size quick")
+    p.add_argument("--size", choices=("quick", "medium", "full"), default=None,
+                   help="preset: quick (smoke test), medium (about 4 CPU-minutes a seed), full (default)")
     p.add_argument("--out", default="rcfast-benchmark", help="output folder (default: ./rcfast-benchmark)")
     p.add_argument("--overwrite", action="store_true",
                    help="rebuild an output folder that holds a benchmark with other parameters")
@@ -87,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--specialist-classes", type=int, default=None, help="classes per specialist (default 70)")
     p.add_argument("--future-classes", type=int, default=None,
                    help="held-out classes per specialist script (default 45)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    # The runs are tiny CNNs: a second intra-op thread gains little and, on a busy
+    # machine, its spin-waiting cost ten times the CPU per step in our measurements.
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     return parser
 
 
@@ -206,7 +211,7 @@ def _scripts(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
-_BENCHMARK_FLAGS = ("seeds", "quick", "out", "overwrite", "data_dir", "student_init", "general_scripts",
+_BENCHMARK_FLAGS = ("seeds", "quick", "size", "out", "overwrite", "data_dir", "student_init", "general_scripts",
                     "specialist_scripts", "unused_script", "general_classes", "specialist_classes", "future_classes",
                     "threads")
 
@@ -235,7 +240,9 @@ def _benchmark(args) -> int:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise CliError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    settings = BenchmarkSettings.quick() if args.quick else BenchmarkSettings()
+    if args.quick and args.size not in (None, "quick"):
+        raise CliError(f"--quick and --size {args.size} contradict each other; give one of them")
+    settings = BenchmarkSettings.preset("quick" if args.quick else args.size or "full")
     protocol_changes = {key: value for key, value in (
         ("general_scripts", args.general_scripts and _scripts(args.general_scripts)),
         ("specialist_scripts", args.specialist_scripts and _scripts(args.specialist_scripts)),

@@ -146,6 +146,26 @@ def test_bad_settings_are_refused_naming_the_setting(change, message):
         dataclasses.replace(BenchmarkSettings(), **change).validate()
 
 
+def test_presets_are_valid_and_keep_the_protocols_shape():
+    quick, medium, full = (BenchmarkSettings.preset(size) for size in ("quick", "medium", "full"))
+    assert full == BenchmarkSettings() and quick == BenchmarkSettings.quick()
+    for preset in (quick, medium, full):
+        preset.validate()
+    # The floor: a generalist on >= 300 classes, >= 2 specialists (quick is the smoke test only).
+    assert medium.protocol.general_classes >= 300 and full.protocol.general_classes >= 300
+    assert len(medium.protocol.specialist_scripts) >= 2
+    assert medium.student_steps < full.student_steps and BenchmarkSettings.medium(seeds=5).seeds == 5
+    with pytest.raises(ValueError, match="size must be one of"):
+        BenchmarkSettings.preset("huge")
+
+
+def test_cli_refuses_quick_with_another_size(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert cli.main(["benchmark", "transfer", "--quick", "--size", "medium", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rcfast: error: --quick and --size medium contradict") and not out.exists()
+
+
 def test_protocol_needs_two_specialists_and_positive_counts():
     with pytest.raises(ValueError, match="at least 2 specialist scripts"):
         GlyphProtocol(specialist_scripts=("Georgian",))
@@ -161,8 +181,12 @@ def test_output_folder_is_continued_refused_or_rebuilt(tmp_path):
     (out / "data").mkdir()
     assert prepare_output(out, spec, overwrite=False) == out and (out / "report.md").exists()  # continued
 
-    other = BenchmarkSettings.quick(seeds=3).spec()
-    with pytest.raises(ValueError, match=r"other parameters \(settings.seeds: 2 -> 3\).*--overwrite"):
+    more_seeds = BenchmarkSettings.quick(seeds=3).spec()  # seeds are replicates: added, the rest kept
+    assert prepare_output(out, more_seeds, overwrite=False) == out and (out / "seeds" / "0").exists()
+    assert json.loads((out / SPEC_FILE).read_text()) == more_seeds
+
+    other = BenchmarkSettings.quick(seeds=3, student_steps=11).spec()
+    with pytest.raises(ValueError, match=r"other parameters \(settings.student_steps: 10 -> 11\).*--overwrite"):
         prepare_output(out, other, overwrite=False)
     assert (out / "report.md").exists()
     prepare_output(out, other, overwrite=True)
@@ -367,7 +391,16 @@ def test_quick_rerun_continues_and_other_parameters_are_refused(quick_run, capsy
     assert after["claims"] == before["claims"] and after["aggregate"] == before["aggregate"]
     assert {p: p.stat().st_mtime_ns for p in quick_run.rglob("final.pt")} == mtimes
 
-    assert cli.main(["benchmark", "transfer", "--quick", "--seeds", "3", "--out", str(quick_run)]) == 2
+    assert cli.main(["benchmark", "transfer", "--quick", "--student-init", "random", "--out", str(quick_run)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "other parameters (settings.seeds: 2 -> 3)" in err and "--overwrite" in err
+    assert err.count("\n") == 1 and "other parameters (settings.student_init: 'generalist' -> 'random')" in err
+    assert "--overwrite" in err
+    assert {p: p.stat().st_mtime_ns for p in quick_run.rglob("final.pt")} == mtimes
+
+    # Fewer seeds: the same folder, nothing trained; one seed decides nothing. Back to two: as before.
+    assert cli.main(["benchmark", "transfer", "--quick", "--seeds", "1", "--out", str(quick_run)]) == 0
+    one = json.loads((quick_run / "results.json").read_text())
+    assert one["seeds"] == [0] and not any(c["decidable"] for c in one["claims"])
+    assert cli.main(["benchmark", "transfer", "--quick", "--out", str(quick_run)]) == 0
+    assert json.loads((quick_run / "results.json").read_text())["aggregate"] == before["aggregate"]
     assert {p: p.stat().st_mtime_ns for p in quick_run.rglob("final.pt")} == mtimes

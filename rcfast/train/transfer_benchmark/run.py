@@ -8,9 +8,10 @@ data (cached on disk), train the runs, score the backbones, and write
 ``report.md`` and ``transfer.png``.
 
 The output folder belongs to one benchmark: ``benchmark.json`` holds its
-format, version and every setting. Called again with the same settings, the
-benchmark continues -- finished seeds and runs are kept, an interrupted run
-resumes from its last checkpoint; with other settings it is refused unless
+format, version and every setting. Called again with the same settings (the
+number of seeds aside), the benchmark continues -- finished seeds and runs are
+kept, an interrupted run resumes from its last checkpoint, more seeds are
+added to the finished ones; with other settings it is refused unless
 ``overwrite=True``, which deletes what the benchmark wrote (the rendered data
 is kept where its parameters still match) and starts again. A non-empty
 folder without ``benchmark.json`` is never touched.
@@ -73,6 +74,12 @@ def _differences(old, new) -> str:
         f" (+{len(changed) - 8} more)" if len(changed) > 8 else "")
 
 
+def _without_seeds(spec) -> dict | None:
+    if not isinstance(spec, dict) or not isinstance(spec.get("settings"), dict):
+        return None
+    return {**spec, "settings": {k: v for k, v in spec["settings"].items() if k != "seeds"}}
+
+
 def prepare_output(out_dir, spec: dict, overwrite: bool) -> Path:
     """Claim ``out_dir`` for the benchmark ``spec`` (see the module docstring); return it resolved."""
     out = Path(out_dir).expanduser().resolve()
@@ -82,6 +89,11 @@ def prepare_output(out_dir, spec: dict, overwrite: bool) -> Path:
         if not isinstance(stored, dict) or stored.get("format") != FORMAT:
             raise ValueError(f"--out {out}: its {SPEC_FILE} is not a transfer benchmark's; choose another folder")
         if stored == spec:
+            return out
+        if _without_seeds(stored) == _without_seeds(spec):
+            # Only the number of seeds differs: seeds are independent replicates, so the
+            # finished ones are kept and the benchmark continues with the new count.
+            _write_json(spec_path, spec)
             return out
         if not overwrite:
             raise ValueError(f"--out {out} already holds a transfer benchmark with other parameters "

@@ -3,7 +3,8 @@
 Defaults are the full benchmark (3 seeds, within 30 minutes of CPU time on a
 2-core machine); :meth:`BenchmarkSettings.quick` is the smoke-test size. Every
 value goes into ``benchmark.json`` of the output folder, so a folder is only
-ever continued with exactly the settings that started it.
+ever continued with exactly the settings that started it (more or fewer
+seeds aside: each seed is an independent replicate).
 """
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ from dataclasses import dataclass, field
 
 from rcfast.data.glyphs.protocol import GlyphProtocol
 
-__all__ = ["BenchmarkSettings", "STUDENT_INITS", "FORMAT", "VERSION"]
+__all__ = ["BenchmarkSettings", "SIZES", "STUDENT_INITS", "FORMAT", "VERSION"]
 
 FORMAT = "rcfast.transfer_benchmark"
 VERSION = 1  # bump when a change makes earlier results incomparable
 STUDENT_INITS = ("generalist", "random")
 PRECISIONS = ("fp32", "bf16")
 DATA_BACKENDS = ("auto", "dali", "pil")
+SIZES = ("quick", "medium", "full")  # the presets of BenchmarkSettings.preset
 
 
 def _positive_int(name: str, value) -> None:
@@ -75,6 +77,29 @@ class BenchmarkSettings:
                       student_steps=10, shots=(2, 5), knn_k=2)
         values.update(changes)
         return cls(**values)
+
+    @classmethod
+    def medium(cls, **changes) -> "BenchmarkSettings":
+        """A reduced benchmark for a loaded or small machine (about 4 CPU-minutes per seed, 1 thread).
+
+        The protocol keeps its shape -- 300 general classes, two specialist
+        scripts, held-out classes of each, an unused script -- with fewer images
+        per class (20 labeled, 20 proxy, 20 + 10 downstream), fewer held-out
+        classes and about 40 % of the full training steps.
+        """
+        protocol = GlyphProtocol(general_future_classes=50, specialist_classes=60, specialist_future_classes=40,
+                                 unused_classes=50, teacher_train_images=20, teacher_test_images=5,
+                                 proxy_images=20, probe_test_images=10)
+        values = dict(protocol=protocol, generalist_steps=600, specialist_steps=150, student_steps=250)
+        values.update(changes)
+        return cls(**values)
+
+    @classmethod
+    def preset(cls, size: str, **changes) -> "BenchmarkSettings":
+        """The settings of a named size: ``"quick"``, ``"medium"`` or ``"full"`` (the defaults)."""
+        if size not in SIZES:
+            raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+        return {"quick": cls.quick, "medium": cls.medium, "full": cls}[size](**changes)
 
     def __post_init__(self):
         self.shots = tuple(self.shots) if isinstance(self.shots, (list, tuple)) else self.shots
