@@ -269,6 +269,8 @@ def _benchmark(args) -> int:
     for claim in results["claims"]:
         verdict = "HOLDS" if claim["holds"] else ("does not hold" if claim["decidable"] else "undecided (1 seed)")
         print(f"claim {claim['id']}: {verdict}: {claim['statement']}\n  {claim['test']}")
+    check = results["learning_check"]
+    print(f"check (not a claim): {'yes' if check['holds'] else 'no'}: {check['statement']}\n  {check['test']}")
     print(f"\nBenchmark finished in {results['timing']['wall_s']:.0f} s ({results['timing']['cpu_s']:.0f} s CPU). "
           f"Report: {out / 'report.md'}, chart: {out / 'transfer.png'}, results: {out / 'results.json'}")
     return 0

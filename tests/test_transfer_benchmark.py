@@ -103,6 +103,18 @@ def test_oracle_margin_counts_one_std_on_the_pessimistic_side():
     assert run([-0.05, -0.04, -0.06])["holds"]             # RepCon above the oracle
 
 
+def test_learning_check_compares_the_generalist_with_a_random_backbone():
+    from rcfast.train.transfer_benchmark.claims import learning_check
+
+    def check(gains):
+        return learning_check([_seed_result(i, {"teacher_general": _everywhere(0.5 + g)}) for i, g in enumerate(gains)],
+                              downstream=TASKS, shots=(5, 20))
+
+    assert check([0.1, 0.12, 0.08])["holds"]
+    worse = check([-0.02, 0.01, -0.03])
+    assert not worse["holds"] and worse["comparisons"][0]["mean"] == pytest.approx(-0.04 / 3)
+
+
 def test_one_seed_decides_nothing():
     claims = _claims([_seed_result(0, {"single_kd": _everywhere(0.1)})])
     assert all(not c["holds"] and not c["decidable"] for c in claims)
@@ -322,7 +334,7 @@ def test_quick_results_schema_and_consistent_numbers(quick_run):
     results = json.loads((quick_run / "results.json").read_text())
     assert results["seeds"] == [0, 1] and results["format"] == "rcfast.transfer_benchmark"
     assert set(results["models"]) == set(MODELS) and results["downstream_tasks"] == TASKS
-    assert len(results["claims"]) == 3
+    assert len(results["claims"]) == 3 and isinstance(results["learning_check"]["holds"], bool)
     for claim in results["claims"]:
         assert isinstance(claim["statement"], str) and isinstance(claim["holds"], bool) and claim["decidable"]
         for c in claim["comparisons"]:

@@ -39,7 +39,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["Comparison", "transfer_score", "aggregate", "evaluate_claims", "mean_std"]
+__all__ = ["Comparison", "transfer_score", "aggregate", "evaluate_claims", "learning_check", "mean_std"]
 
 MEAN_TASK = "mean"
 
@@ -184,3 +184,18 @@ def evaluate_claims(seed_results: Sequence[dict], *, downstream: Sequence[str], 
             "comparisons": [asdict(c) for c in comparisons],
         })
     return out
+
+
+def learning_check(seed_results: Sequence[dict], *, downstream: Sequence[str], shots: Sequence[int]) -> dict:
+    """Not a claim of the paper: does training help at all? The generalist against a random backbone.
+
+    Where a random backbone probes as well as the trained ones, the teachers
+    are too weak for the claims to mean much; the report says so.
+    """
+    differences = [_scores(r, "teacher_general", downstream, shots) - _scores(r, "random_init", downstream, shots)
+                   for r in seed_results]
+    comparison = Comparison.greater("generalist - random init", differences)
+    return {"statement": "The trained generalist's features transfer better than a random backbone's "
+                         "(mean over all downstream tasks).",
+            "holds": comparison.passes, "decidable": len(seed_results) >= 2, "test": comparison.describe(),
+            "comparisons": [asdict(comparison)]}

@@ -54,6 +54,12 @@ def _claims_markdown(claims: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _check(results: dict) -> str:
+    check = results["learning_check"]
+    verdict = "yes" if check["holds"] else ("no" if check["decidable"] else "undecided (one seed)")
+    return f"{check['statement']} — **{verdict}**: {check['test']}."
+
+
 def write_chart(results: dict, path: Path) -> Path:
     labels, agg = results["models"], results["aggregate"]
     columns = _task_columns(results)
@@ -85,6 +91,8 @@ Every number is the mean ± sample std over the {len(results['seeds'])} seeds; e
 ## The paper's claims
 
 {_claims_markdown(results['claims'])}
+
+Not a claim of the paper, a check that the teachers learned something transferable: {_check(results)}
 
 How a claim is decided: comparisons are paired by seed (all models of a seed are probed on the same tasks);
 "A beats B" needs the mean per-seed difference to be positive and larger than its std over seeds (a paired

@@ -32,7 +32,7 @@ import torch
 from rcfast.data.glyphs.protocol import choose_classes, protocol_data, script_slug
 from rcfast.extras import require
 from rcfast.train.experiment import cpu_seconds, train_runs
-from rcfast.train.transfer_benchmark.claims import aggregate, evaluate_claims, mean_std
+from rcfast.train.transfer_benchmark.claims import aggregate, evaluate_claims, learning_check, mean_std
 from rcfast.train.transfer_benchmark.evaluate import evaluate_seed
 from rcfast.train.transfer_benchmark.report import CHART, write_chart, write_report
 from rcfast.train.transfer_benchmark.runs import model_labels, recipe_for, seed_configs
@@ -160,6 +160,7 @@ def _results(settings: BenchmarkSettings, seed_results: list[dict], command: str
         "format": FORMAT, "version": VERSION, "command": command,
         "seeds": [r["seed"] for r in seed_results],
         "claims": claims,
+        "learning_check": learning_check(seed_results, downstream=downstream, shots=settings.shots),
         "settings": settings.as_dict(),
         "models": labels,
         "downstream_tasks": downstream,
