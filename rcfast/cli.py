@@ -7,13 +7,22 @@
   with ``train/`` and ``test/`` class folders.
 - ``rcfast bench [args]``: the loss benchmark ``bench/bench_kd_loss.py`` of a
   source checkout, in script mode.
-- ``rcfast demo [--out DIR] [--quick]``: the end-to-end digits demo.
+- ``rcfast rank-teachers --repo DIR --target DIR [--json out.json]``: rank a
+  folder of teacher checkpoints by relatedness to a labeled target folder
+  (optimal transport; see :mod:`rcfast.select`).
+- ``rcfast demo [--out DIR] [--quick]``: the end-to-end digits demo;
+  ``--method iekd|dmc [--seeds N] [--data digits|glyphs]``: the IE-KD or DMC
+  comparison instead.
 - ``rcfast benchmark transfer [--seeds N] [--quick] [--out DIR] [--overwrite]``:
   the representation-consolidation paper's protocol on glyph images, several
   seeds, its claims tested (docs/benchmark.md).
 
-Configuration and input errors print one ``rcfast: error: ...`` line and exit
-with status 2 (``RCFAST_DEBUG=1`` shows the traceback instead).
+Configuration and input errors -- and a run that diverges, loses a DDP peer,
+or meets an unusable checkpoint -- print one ``rcfast: error: ...`` line and
+exit with status 2 (``RCFAST_DEBUG=1`` shows the traceback instead). Each
+command first checks that the optional packages it needs are installed
+(:data:`COMMAND_NEEDS`), so a missing extra is reported in the first second,
+naming the ``pip install 'rcfast[...]'`` that brings it.
 """
 from __future__ import annotations
 
@@ -22,12 +31,28 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
-__all__ = ["main", "build_parser"]
+from rcfast.extras import require
+
+__all__ = ["main", "build_parser", "COMMAND_NEEDS"]
+
+# Optional modules each command needs (rcfast.extras maps them to extras), checked before it does anything.
+_DATA = ("numpy", "PIL", "simplejpeg")  # rcfast.data: images are checked with simplejpeg when listed
+COMMAND_NEEDS = {
+    "consolidate": ("yaml", "tqdm") + _DATA,
+    "eval": ("yaml", "tqdm", "sklearn", "threadpoolctl") + _DATA,
+    "demo": ("yaml", "tqdm", "sklearn", "threadpoolctl", "matplotlib") + _DATA,
+    "bench": (),
+    "benchmark": ("yaml", "tqdm", "sklearn", "threadpoolctl", "matplotlib", "fontTools") + _DATA,
+}
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCH_SCRIPT = REPO_ROOT / "bench" / "bench_kd_loss.py"
+
+
+DEMO_METHODS = ("repcon", "iekd", "dmc")
 
 
 class CliError(Exception):
@@ -43,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. train.max_steps=100 or teachers.0.weight=2")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume a run under a config that differs in more than run-length/logging fields "
+                        "(train.allow_config_change: true); the change is recorded")
 
     p = sub.add_parser("eval", help="transfer evaluation of a trained backbone on a labeled task")
     p.add_argument("--checkpoint", required=True, help="final.pt or a trainer checkpoint")
@@ -61,8 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run bench/bench_kd_loss.py (needs the source checkout)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark script")
 
-    p = sub.add_parser("demo", help="end-to-end representation-consolidation demo on digits")
-    p.add_argument("--out", default="rcfast-demo", help="output folder (default: ./rcfast-demo)")
+    p = sub.add_parser("demo", help="end-to-end demo on digits: representation consolidation, IE-KD or DMC")
+    p.add_argument("--method", default="repcon", choices=DEMO_METHODS,
+                   help="repcon (default): consolidation and transfer; iekd: inheritance and exploration KD vs KD "
+                        "and mutual learning; dmc: class-incremental deep model consolidation")
+    p.add_argument("--out", default=None, help="output folder (default: ./rcfast-demo, or ./rcfast-demo-<method>)")
+    p.add_argument("--seeds", type=int, default=None, help="iekd/dmc: number of seeds (default 3; --quick: 2)")
+    p.add_argument("--data", default=None, choices=("digits", "glyphs"),
+                   help="iekd/dmc: ten classes of scikit-learn's digits (default) or of rcfast.data.glyphs")
     p.add_argument("--quick", action="store_true", help="tiny budgets: a smoke test in well under a minute")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
@@ -93,6 +127,22 @@ def build_parser() -> argparse.ArgumentParser:
     # The runs are tiny CNNs: a second intra-op thread gains little and, on a busy
     # machine, its spin-waiting cost ten times the CPU per step in our measurements.
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+
+    p = sub.add_parser("rank-teachers", help="rank a folder of teachers by relatedness to a labeled target task")
+    p.add_argument("--repo", required=True, help="folder of teacher checkpoints, each with a <name>.yaml "
+                   "(builder, num_classes, builder_kwargs; see rcfast.select.repository)")
+    p.add_argument("--target", required=True, help="labeled target sample: one sub-folder of images per class")
+    p.add_argument("--method", default="ot", choices=("ot", "leep", "linear_probe"))
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0, help="of the teachers' softmax (ot)")
+    p.add_argument("--eps", type=float, default=0.05, help="entropic regularisation (ot; the costs are in [0, 1])")
+    p.add_argument("--metric", default="cosine", choices=("cosine", "euclidean"), help="of the cost matrix")
+    p.add_argument("--data-backend", default="auto", choices=("auto", "dali", "pil"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default=None, help="also write the ranking to this JSON file")
+    p.add_argument("--save-costs", default=None, metavar="DIR",
+                   help="write each ranked teacher's cost matrix to DIR/<name>.cost.pt (the ot_distill term's cost)")
     return parser
 
 
@@ -100,7 +150,8 @@ def _consolidate(args) -> int:
     from rcfast.train import Consolidator, dump_config, load_config
     from rcfast.train.runtime import apply_runtime
 
-    config = load_config(args.config, args.overrides)
+    overrides = list(args.overrides) + (["train.allow_config_change=true"] if args.allow_config_change else [])
+    config = load_config(args.config, overrides)
     if args.print_config:
         print(dump_config(config), end="")
         return 0
@@ -117,57 +168,41 @@ def _consolidate(args) -> int:
     return 0
 
 
-def _load_backbone(args):
-    import torch
-
-    from rcfast.models import build_model
-    from rcfast.train.teachers import extract_model_state
-
-    path = Path(args.checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"--checkpoint: file {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state = extract_model_state(checkpoint)
-    config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
-    if args.backbone is not None:
-        name = args.backbone
-        try:
-            kwargs = json.loads(args.backbone_kwargs) if args.backbone_kwargs else {}
-        except json.JSONDecodeError as exc:
-            raise CliError(f"--backbone-kwargs is not valid JSON: {exc}") from exc
-    elif config is not None:
-        name, kwargs = config["student"]["backbone"], config["student"]["backbone_kwargs"]
-    else:
-        raise CliError(f"{path} holds no run config: pass --backbone (and --backbone-kwargs)")
-    backbone = build_model(name, **kwargs)
-    if any(k.startswith("backbone.") for k in state):
-        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    try:
-        backbone.load_state_dict(state)
-    except RuntimeError as exc:
-        raise CliError(f"{path} does not fit backbone {name!r} with {kwargs}: {exc}") from exc
-    image_size = args.image_size or (config["data"]["image_size"] if config is not None else None)
-    if image_size is None:
-        raise CliError("--image-size is needed: the checkpoint holds no run config")
-    return backbone, image_size
-
-
 def _eval(args) -> int:
     from rcfast.data import ProxyImages
     from rcfast.eval import evaluate_transfer
     from rcfast.train.distributed import resolve_device
+    from rcfast.train.trained_model import load_trained_backbone
 
+    for option, value, low in (("--batch-size", args.batch_size, 1), ("--finetune-epochs", args.finetune_epochs, 0),
+                               ("--image-size", args.image_size if args.image_size is not None else 1, 1)):
+        if value < low:
+            raise CliError(f"{option} must be >= {low}, got {value}")
+    if any(k < 1 for k in args.knn_k):
+        raise CliError(f"--knn-k values must be >= 1, got {args.knn_k}")
+    kwargs = None
+    if args.backbone_kwargs is not None:
+        if args.backbone is None:
+            raise CliError("--backbone-kwargs needs --backbone")
+        try:
+            kwargs = json.loads(args.backbone_kwargs)
+        except json.JSONDecodeError as exc:
+            raise CliError(f"--backbone-kwargs is not valid JSON: {exc}") from exc
+        if not isinstance(kwargs, dict):
+            raise CliError(f"--backbone-kwargs must be a JSON object, got {args.backbone_kwargs}")
     data = Path(args.data)
     for split in ("train", "test"):
         if not (data / split).is_dir():
             raise FileNotFoundError(f"--data: {data / split} does not exist (expected train/ and test/ class folders)")
-    backbone, image_size = _load_backbone(args)
+    trained = load_trained_backbone(args.checkpoint, args.backbone, kwargs, args.image_size)
+    if trained.image_size is None:
+        raise CliError("--image-size is needed: the checkpoint holds no run config")
     device = resolve_device(args.device)
-    backbone.to(device)
+    backbone = trained.backbone.to(device)
 
     def labeled(split: str) -> ProxyImages:
-        return ProxyImages(str(data / split), image_size=image_size, batch_size=args.batch_size, device=str(device),
-                           augment=args.augment, labels=True, drop_last=False, shuffle=False,
+        return ProxyImages(str(data / split), image_size=trained.image_size, batch_size=args.batch_size,
+                           device=str(device), augment=args.augment, labels=True, drop_last=False, shuffle=False,
                            backend=args.data_backend)
 
     train, test = labeled("train"), labeled("test")
@@ -198,8 +233,14 @@ def _demo(args) -> int:
         if args.threads <= 0:
             raise CliError(f"--threads must be > 0, got {args.threads}")
         apply_runtime(RuntimeSettings(num_threads=args.threads))
-    results = run_demo(args.out, quick=args.quick)
-    out = Path(args.out).resolve()
+    if args.seeds is not None and (args.seeds <= 0 or args.method == "repcon"):
+        raise CliError(f"--seeds must be > 0 and is for --method iekd or dmc, got {args.seeds} with {args.method}")
+    if args.data is not None and args.method == "repcon":
+        raise CliError("--data is for --method iekd or dmc (the repcon demo runs on digits)")
+    if args.method != "repcon":
+        return _method_demo(args)
+    out = Path(args.out or "rcfast-demo").resolve()
+    results = run_demo(out, quick=args.quick)
     print()
     print(results["table"])
     print(f"\nDemo finished in {results['total_seconds']:.0f} s. Report: {out / 'report.md'}, "
@@ -276,21 +317,125 @@ def _benchmark(args) -> int:
     return 0
 
 
-COMMANDS = {"consolidate": _consolidate, "eval": _eval, "bench": _bench, "demo": _demo, "benchmark": _benchmark}
+def _rank_teachers(args) -> int:
+    import time
+
+    from rcfast.data import ProxyImages
+    from rcfast.select import final_linear, rank_teachers
+    from rcfast.select.repository import Skipped, read_repository
+    from rcfast.train.checkpoint import atomic_save
+    from rcfast.train.config import TeacherConfig
+    from rcfast.train.distributed import resolve_device
+    from rcfast.train.teachers import load_teacher
+
+    specs = read_repository(args.repo)
+    if not Path(args.target).is_dir():
+        raise FileNotFoundError(f"--target: {args.target} is not a folder of class sub-folders")
+    device = resolve_device(args.device)
+    target = ProxyImages(args.target, image_size=args.image_size, batch_size=args.batch_size, device=str(device),
+                         augment="none", labels=True, shuffle=False, drop_last=False, backend=args.data_backend)
+    teachers, skipped, load_seconds = {}, [], {}
+    for spec in specs:
+        if isinstance(spec, Skipped):
+            skipped.append(spec)
+            continue
+        start = time.perf_counter()
+        config = TeacherConfig(name=spec.name, builder=spec.builder, checkpoint=str(spec.checkpoint),
+                               num_classes=spec.num_classes, builder_kwargs=spec.builder_kwargs)
+        try:  # a corrupt, truncated or code-carrying checkpoint skips this teacher only
+            teacher = load_teacher(config, device)
+            final_linear(teacher, f"teacher {spec.name!r}")
+        except (ValueError, TypeError, ImportError, FileNotFoundError) as exc:
+            skipped.append(Skipped(spec.name, str(exc)))
+            continue
+        teachers[spec.name], load_seconds[spec.name] = teacher, time.perf_counter() - start
+    if not teachers:
+        reasons = "; ".join(f"{s.name}: {s.reason.splitlines()[0]}" for s in skipped) or "the folder holds none"
+        raise CliError(f"--repo: no usable teacher in {args.repo} ({reasons})")
+    records = rank_teachers(teachers, target, method=args.method, temperature=args.temperature, eps=args.eps,
+                            metric=args.metric, device=device)
+    rows = [{"rank": r.rank, "name": r.name, "score": r.score, "seconds": load_seconds[r.name] + r.seconds,
+             "num_classes": r.cost_matrix.shape[0]} for r in records]
+    better = "lower" if args.method == "ot" else "higher"
+    print(f"{args.method} scores of {len(records)} teachers for {args.target} ({target.num_classes} classes, "
+          f"{better} = more related):")
+    width = max(len(name) for name in [*teachers, *(s.name for s in skipped), "teacher"])
+    print(f"{'rank':>4}  {'teacher':<{width}}  {'score':>10}  {'seconds':>8}")
+    for row in rows:
+        print(f"{row['rank']:>4}  {row['name']:<{width}}  {row['score']:>10.4f}  {row['seconds']:>8.2f}")
+    for s in skipped:
+        print(f"{'-':>4}  {s.name:<{width}}  skipped: {s.reason.splitlines()[0][:160]}")
+    if args.save_costs:
+        for r in records:
+            atomic_save(r.cost_matrix, Path(args.save_costs) / f"{r.name}.cost.pt")
+    if args.json:
+        result = {"method": args.method, "target": str(args.target), "num_classes": target.num_classes,
+                  "ranking": rows, "skipped": [{"name": s.name, "reason": s.reason} for s in skipped]}
+        path = Path(args.json)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, path)  # never a half-written file
+    return 0
+
+
+def _method_demo(args) -> int:
+    """``rcfast demo --method iekd|dmc``: the IE-KD or DMC comparison over several seeds."""
+    import dataclasses
+
+    if args.method == "iekd":
+        from rcfast.train.demo_iekd import IEKDDemoSettings as Settings, run_iekd_demo as run
+    else:
+        from rcfast.train.demo_dmc import DMCDemoSettings as Settings, run_dmc_demo as run
+    settings = Settings.quick() if args.quick else Settings()
+    if args.seeds is not None:
+        settings = dataclasses.replace(settings, seeds=args.seeds)
+    if args.data is not None:
+        settings = dataclasses.replace(settings, data=args.data)
+    out = Path(args.out or f"rcfast-demo-{args.method}").resolve()
+    results = run(out, settings=settings)
+    print()
+    print(results["table"])
+    print(f"\nDemo finished in {results['total_seconds']:.0f} s. Report: {out / 'report.md'}, "
+          f"results: {out / 'results.json'}")
+    return 0
+
+
+COMMANDS = {"consolidate": _consolidate, "eval": _eval, "bench": _bench, "demo": _demo}
+COMMANDS["rank-teachers"] = _rank_teachers
+COMMANDS["benchmark"] = _benchmark
+
+
+def _one_line_warnings(message, category, filename, lineno, file=None, line=None) -> str:
+    return f"rcfast: warning: {' '.join(str(message).split())}\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``rcfast`` console script; returns the exit status."""
-    from rcfast.train.config import ConfigError
-
     args = build_parser().parse_args(argv)
+    # This process is the command's own: its warnings print as one line each, like its errors.
+    warnings.formatwarning = _one_line_warnings
     try:
+        require(f"rcfast {args.command}", *COMMAND_NEEDS.get(args.command, ()))
         return COMMANDS[args.command](args)
-    except (CliError, ConfigError, FileNotFoundError, ValueError, ImportError) as exc:
-        if os.environ.get("RCFAST_DEBUG") == "1":
+    except Exception as exc:
+        if os.environ.get("RCFAST_DEBUG") == "1" or not _reported(exc):
             raise
-        print(f"rcfast: error: {exc}", file=sys.stderr)
+        # rcfast's own OSErrors carry their whole message as strerror (no "[Errno N]" in front).
+        text = exc.strerror if isinstance(exc, OSError) and exc.filename is None and exc.strerror else str(exc)
+        print(f"rcfast: error: {' '.join(text.split()) or type(exc).__name__}", file=sys.stderr)
         return 2
+
+
+def _reported(exc: BaseException) -> bool:
+    """Is ``exc`` a problem of the command's inputs or run, to print as one line (not a bug: a traceback)?"""
+    if isinstance(exc, (CliError, ValueError, OSError, ImportError)):  # ConfigError, CheckpointError are ValueErrors
+        return True
+    if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc) or "out of memory" in str(exc).lower():
+        return True  # a model or batch too large for this machine
+    if "rcfast.train" in sys.modules:  # TrainingError: divergence, a DDP peer lost
+        from rcfast.train.errors import TrainingError
+        return isinstance(exc, TrainingError)
+    return False
 
 
 if __name__ == "__main__":

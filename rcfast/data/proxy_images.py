@@ -85,6 +85,14 @@ def _default_shards(shard_id, num_shards):
     return int(shard_id), num_shards
 
 
+class NoBatchError(ValueError):
+    """The shard's images make no batch of `batch_size` (with `drop_last`): `num_images` of `total_images`."""
+
+    def __init__(self, message: str, num_images: int, total_images: int):
+        super().__init__(message)
+        self.num_images, self.total_images = num_images, total_images
+
+
 class ProxyImages:
     """Batches of normalised images `[N, 3, S, S]` from a folder or a list file.
 
@@ -203,11 +211,11 @@ class ProxyImages:
             batch_size=self.batch_size, seed=self.seed, augment=self.augment, shuffle=self.shuffle,
             shard_id=self.shard_id, num_shards=self.num_shards, drop_last=self.drop_last)
         if len(self) == 0:
-            raise ValueError(
+            raise NoBatchError(
                 f"shard {self.shard_id} of num_shards={self.num_shards} gets {self.num_images} of the source's "
                 f"{self.total_images} images, which make no batch of batch_size={self.batch_size}"
                 + (" with drop_last=True" if self.drop_last else "")
-                + ": use a smaller batch_size or fewer shards")
+                + ": use a smaller batch_size or fewer shards", self.num_images, self.total_images)
 
         self.backend = self._resolve_backend(backend)
         if self.backend == "dali":

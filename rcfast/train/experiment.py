@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-import torch
 from torch import nn
 
 from rcfast.models import build_classifier, build_model
+from rcfast.train.checkpoint import load_checkpoint
 from rcfast.train.config import (DataConfig, OptimConfig, RunConfig, StudentConfig, TaskConfig, TeacherConfig,
                                  TrainConfig, dump_config, load_config)
 from rcfast.train.consolidator import Consolidator
@@ -181,7 +181,7 @@ def _write_json_atomic(path: Path, data) -> None:
 
 
 def _model_state(path: str | Path) -> dict:
-    return extract_model_state(torch.load(Path(path), map_location="cpu", weights_only=True))
+    return extract_model_state(load_checkpoint(path))  # weights only, content hash verified
 
 
 def load_backbone(path: str | Path, backbone: str, **backbone_kwargs) -> nn.Module:

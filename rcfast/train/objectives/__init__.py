@@ -14,6 +14,11 @@ from rcfast.train.objectives.objective import Objective
 # The built-in terms: importing a module registers its term.
 from rcfast.train.objectives import cross_entropy  # noqa: E402,F401  (cross_entropy)
 from rcfast.train.objectives import multihead_kd  # noqa: E402,F401  (multihead_kd)
+from rcfast.train.objectives import ot_distill  # noqa: E402,F401  (ot_distill)
+from rcfast.train.objectives import double_distill  # noqa: E402,F401  (double_distill)
+from rcfast.train.objectives import factor_reconstruction  # noqa: E402,F401  (factor_reconstruction)
+from rcfast.train.objectives import iekd  # noqa: E402,F401  (iekd_inherit, iekd_explore)
+from rcfast.train.objectives import mutual_learning  # noqa: E402,F401  (mutual_learning)
 
 __all__ = [
     "Objective", "Term", "TermSetup", "RunLayout", "StreamInfo", "ModelsUnavailable", "register_term",
