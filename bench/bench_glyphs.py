@@ -9,11 +9,11 @@ Measured in one process, each step on fresh folders:
   `--image-size` pixels, written as PNG files, with 1 and with 2 worker
   processes (wall clock, including process start-up; CPU ms per image for
   the in-process run);
-- a protocol-sized layout (`protocol_layout`): what the transfer benchmark
-  (issue 10) needs -- a generalist over Latin + Greek + Cyrillic, two
-  specialist scripts with held-out classes, a script nobody trains on,
-  few-shot splits and unlabeled proxy images -- built with the default
-  number of workers.
+- one seed of the transfer benchmark's data (`rcfast.data.glyphs.protocol_data`
+  with the default `GlyphProtocol`): a generalist over Latin + Greek +
+  Cyrillic, two specialist scripts with held-out classes, a script nobody
+  trains on, few-shot splits and unlabeled proxy images -- built with the
+  default number of workers.
 
 The machine's load average is printed with the figures: on a shared machine
 they move a lot, so compare them with the load they were taken under.
@@ -37,33 +37,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from rcfast.data.glyphs import contact_sheet, glyph_dataset, load_catalog, split_classes  # noqa: E402
+from rcfast.data.glyphs import GlyphProtocol, contact_sheet, glyph_dataset, load_catalog, protocol_data  # noqa: E402
+from rcfast.data.glyphs import split_classes  # noqa: E402
 from rcfast.data.glyphs import catalog as catalog_module  # noqa: E402
 
 
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-def protocol_layout(seed: int = 0) -> dict[str, dict]:
-    """The data one seed of the transfer benchmark needs: {folder: glyph_dataset kwargs}."""
-    general, general_future = split_classes(["Latin", "Greek", "Cyrillic"], [300, 100], seed=seed)
-    georgian, georgian_future = split_classes("Georgian", [70, 49], seed=seed)
-    arabic, arabic_future = split_classes("Arabic", [80, 49], seed=seed)
-    unused = split_classes("Canadian Aboriginal", [100], seed=seed)[0]
-    teacher_splits = {"train": 40, "test": 20}
-    probe_splits = {"train20": 20, "test": 20, "train5": range(0, 5)}  # 5-shot: the first 5 of the 20
-    return {
-        "general": dict(classes=general, splits=teacher_splits),
-        "georgian": dict(classes=georgian, splits=teacher_splits),
-        "arabic": dict(classes=arabic, splits=teacher_splits),
-        "proxy": dict(classes=general + georgian + arabic, splits={"proxy": range(1000, 1010)}, labeled=False),
-        "future_general": dict(classes=general_future, splits=probe_splits),
-        "future_georgian": dict(classes=georgian_future, splits=probe_splits),
-        "future_arabic": dict(classes=arabic_future, splits=probe_splits),
-        "unused_canadian": dict(classes=unused, splits=probe_splits),
-    }
 
 
 def _render(root: Path, workers: int, **kwargs) -> tuple[int, float, float]:
@@ -109,14 +90,14 @@ def main() -> None:
             lines.append(f"| {workers} | {n} | {wall:.1f} | {n / wall:.0f} | {cpu_note} |")
             print(lines[-1], flush=True)
 
-        layout = protocol_layout()
-        total, start = 0, time.perf_counter()
-        for name, kwargs in layout.items():
-            ds = glyph_dataset(tmp / "protocol" / name, image_size=args.image_size, **kwargs)
-            total += sum(ds.num_images.values())
+        protocol = GlyphProtocol(image_size=args.image_size)
+        start = time.perf_counter()
+        data = protocol_data(tmp / "protocol", protocol, seed=0)
+        datasets = [*data.teacher_tasks.values(), data.proxy, *data.downstream.values()]
+        total = sum(sum(ds.num_images.values()) for ds in datasets)
         wall = time.perf_counter() - start
-        lines += ["", f"Protocol-sized layout ({len(layout)} data sets, {total} images, default workers): "
-                  f"{wall:.1f} s ({total / wall:.0f} images/s)", "",
+        lines += ["", f"Protocol layout of one seed of the transfer benchmark ({len(datasets)} data sets, {total} "
+                  f"images, default workers): {wall:.1f} s ({total / wall:.0f} images/s)", "",
                   f"Load average after: {', '.join(f'{x:.1f}' for x in os.getloadavg())}"]
 
         if args.sheet is not None:

@@ -13,6 +13,9 @@
 - ``rcfast demo [--out DIR] [--quick]``: the end-to-end digits demo;
   ``--method iekd|dmc [--seeds N] [--data digits|glyphs]``: the IE-KD or DMC
   comparison instead.
+- ``rcfast benchmark transfer [--seeds N] [--quick] [--out DIR] [--overwrite]``:
+  the representation-consolidation paper's protocol on glyph images, several
+  seeds, its claims tested (docs/benchmark.md).
 
 Configuration and input errors -- and a run that diverges, loses a DDP peer,
 or meets an unusable checkpoint -- print one ``rcfast: error: ...`` line and
@@ -42,6 +45,7 @@ COMMAND_NEEDS = {
     "eval": ("yaml", "tqdm", "sklearn", "threadpoolctl") + _DATA,
     "demo": ("yaml", "tqdm", "sklearn", "threadpoolctl", "matplotlib") + _DATA,
     "bench": (),
+    "benchmark": ("yaml", "tqdm", "sklearn", "threadpoolctl", "matplotlib", "fontTools") + _DATA,
 }
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -95,6 +99,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="iekd/dmc: ten classes of scikit-learn's digits (default) or of rcfast.data.glyphs")
     p.add_argument("--quick", action="store_true", help="tiny budgets: a smoke test in well under a minute")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+    p = sub.add_parser("benchmark", help="evidence benchmarks on rendered glyph data")
+    kinds = p.add_subparsers(dest="benchmark", required=True)
+    p = kinds.add_parser("transfer", help="the paper's transfer protocol on glyphs: teachers, students, "
+                                          "few-shot probes, claims (docs/benchmark.md)")
+    p.add_argument("--seeds", type=int, default=None, help="replicates, seeds 0..N-1 (default 3; 2 with --quick)")
+    p.add_argument("--quick", action="store_true", help="smoke-test size (about a minute of CPU); same as "
+                                                        "--size quick")
+    p.add_argument("--size", choices=("quick", "medium", "full"), default=None,
+                   help="preset: quick (smoke test), medium (about 4 CPU-minutes a seed), full (default)")
+    p.add_argument("--out", default="rcfast-benchmark", help="output folder (default: ./rcfast-benchmark)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rebuild an output folder that holds a benchmark with other parameters")
+    p.add_argument("--data-dir", default=None, help="rendered glyph data (default: OUT/data); shareable")
+    p.add_argument("--student-init", choices=("generalist", "random"), default=None,
+                   help="students' and oracle's starting weights (default: generalist, as in the paper)")
+    p.add_argument("--general-scripts", default=None, help="comma-separated scripts of the general domain "
+                                                           "(default: Latin,Greek,Cyrillic)")
+    p.add_argument("--specialist-scripts", default=None, help="comma-separated specialist scripts, at least 2 "
+                                                              "(default: Georgian,Arabic)")
+    p.add_argument("--unused-script", default=None, help="the script no model sees (default: Canadian Aboriginal)")
+    p.add_argument("--general-classes", type=int, default=None, help="generalist's classes (default 300)")
+    p.add_argument("--specialist-classes", type=int, default=None, help="classes per specialist (default 70)")
+    p.add_argument("--future-classes", type=int, default=None,
+                   help="held-out classes per specialist script (default 45)")
+    # The runs are tiny CNNs: a second intra-op thread gains little and, on a busy
+    # machine, its spin-waiting cost ten times the CPU per step in our measurements.
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
 
     p = sub.add_parser("rank-teachers", help="rank a folder of teachers by relatedness to a labeled target task")
     p.add_argument("--repo", required=True, help="folder of teacher checkpoints, each with a <name>.yaml "
@@ -216,6 +248,75 @@ def _demo(args) -> int:
     return 0
 
 
+def _scripts(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+_BENCHMARK_FLAGS = ("seeds", "quick", "size", "out", "overwrite", "data_dir", "student_init", "general_scripts",
+                    "specialist_scripts", "unused_script", "general_classes", "specialist_classes", "future_classes",
+                    "threads")
+
+
+def _benchmark_command(args) -> str:
+    """The command line that reproduces this benchmark (for its report)."""
+    import shlex
+
+    parts = ["rcfast", "benchmark", "transfer"]
+    for dest in _BENCHMARK_FLAGS:
+        value = getattr(args, dest)
+        if value not in (None, False):
+            parts.append(f"--{dest.replace('_', '-')}")
+            if value is not True:
+                parts.append(shlex.quote(str(value)))
+    return " ".join(parts)
+
+
+def _benchmark(args) -> int:
+    import dataclasses
+
+    from rcfast.train.runtime import RuntimeSettings, apply_runtime
+    from rcfast.train.transfer_benchmark import BenchmarkSettings, run_transfer_benchmark
+
+    for flag in ("seeds", "general_classes", "specialist_classes", "future_classes", "threads"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise CliError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.quick and args.size not in (None, "quick"):
+        raise CliError(f"--quick and --size {args.size} contradict each other; give one of them")
+    settings = BenchmarkSettings.preset("quick" if args.quick else args.size or "full")
+    protocol_changes = {key: value for key, value in (
+        ("general_scripts", args.general_scripts and _scripts(args.general_scripts)),
+        ("specialist_scripts", args.specialist_scripts and _scripts(args.specialist_scripts)),
+        ("unused_script", args.unused_script), ("general_classes", args.general_classes),
+        ("specialist_classes", args.specialist_classes), ("specialist_future_classes", args.future_classes),
+    ) if value is not None}
+    changes = {"protocol": dataclasses.replace(settings.protocol, **protocol_changes)}
+    if args.seeds is not None:
+        changes["seeds"] = args.seeds
+    if args.student_init is not None:
+        changes["student_init"] = args.student_init
+    settings = dataclasses.replace(settings, **changes)
+    if args.threads is not None:
+        apply_runtime(RuntimeSettings(num_threads=args.threads))
+    command = _benchmark_command(args)
+    results = run_transfer_benchmark(args.out, settings, overwrite=args.overwrite, data_dir=args.data_dir,
+                                     command=command)
+    from rcfast.train.transfer_benchmark.report import score_table
+
+    out = Path(args.out).resolve()
+    print()
+    print(score_table(results, markdown=False))
+    print()
+    for claim in results["claims"]:
+        verdict = "HOLDS" if claim["holds"] else ("does not hold" if claim["decidable"] else "undecided (1 seed)")
+        print(f"claim {claim['id']}: {verdict}: {claim['statement']}\n  {claim['test']}")
+    check = results["learning_check"]
+    print(f"check (not a claim): {'yes' if check['holds'] else 'no'}: {check['statement']}\n  {check['test']}")
+    print(f"\nBenchmark finished in {results['timing']['wall_s']:.0f} s ({results['timing']['cpu_s']:.0f} s CPU). "
+          f"Report: {out / 'report.md'}, chart: {out / 'transfer.png'}, results: {out / 'results.json'}")
+    return 0
+
+
 def _rank_teachers(args) -> int:
     import time
 
@@ -301,6 +402,7 @@ def _method_demo(args) -> int:
 
 COMMANDS = {"consolidate": _consolidate, "eval": _eval, "bench": _bench, "demo": _demo}
 COMMANDS["rank-teachers"] = _rank_teachers
+COMMANDS["benchmark"] = _benchmark
 
 
 def _one_line_warnings(message, category, filename, lineno, file=None, line=None) -> str:

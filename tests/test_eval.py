@@ -90,6 +90,21 @@ def test_finetune_rejects_zero_epochs():
         finetune_accuracy(build_model("small_cnn", width=4), data, data, 2, epochs=0)
 
 
+def test_probe_with_one_C_fits_once_on_all_training_features():
+    x, y = _blobs(300, 3, 8, seed=4)
+    probe = linear_probe(x[:200], y[:200], x[200:], y[200:], Cs=[0.5])
+    assert probe["best_C"] == 0.5 and probe["val_accuracy"] is None and probe["C_sweep"] == []
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(x[:200])
+    expected = LogisticRegression(C=0.5, max_iter=2000, random_state=0).fit(scaler.transform(x[:200]), y[:200])
+    assert probe["accuracy"] == expected.score(scaler.transform(x[200:]), y[200:])
+    # Two images per class suffice (a sweep would need a validation image of each class besides).
+    two = np.concatenate([np.flatnonzero(y[:200] == c)[:2] for c in range(3)])
+    assert 0.0 <= linear_probe(x[two], y[two], x[200:], y[200:], Cs=[1.0])["accuracy"] <= 1.0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # `rcfast eval` reads a config from the checkpoint: untrusted data, never a way to run code (issue 8, item 18).
 # timm 1.0.9-1.0.24 call torch.load(weights_only=False) on `checkpoint_path` / `pretrained_cfg_overlay.file`:

@@ -2,7 +2,8 @@
 
 The regularisation strength ``C`` is chosen on a validation split carved from
 the training features (stratified), then the probe is refit on all training
-features with that ``C`` and scored on the test features.
+features with that ``C`` and scored on the test features. Given one ``C``, the
+probe is fitted once on all training features.
 """
 from __future__ import annotations
 
@@ -40,6 +41,9 @@ def linear_probe(train_features: np.ndarray, train_labels: np.ndarray, test_feat
                  val_fraction: float = 0.2, seed: int = 0, max_iter: int = 2000) -> dict:
     """Linear-probe accuracy of frozen features.
 
+    With a single C there is nothing to choose: the probe is fitted once on
+    all training features (``val_accuracy`` None, ``C_sweep`` empty).
+
     Returns ``{"accuracy", "best_C", "val_accuracy", "C_sweep": [[C, val_acc], ...]}``.
     """
     _check(train_features, train_labels, "train")
@@ -50,6 +54,10 @@ def linear_probe(train_features: np.ndarray, train_labels: np.ndarray, test_feat
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if len(np.unique(train_labels)) < 2:
         raise ValueError("train: a linear probe needs at least two classes")
+    if len(Cs) == 1:  # nothing to choose: no validation split, one fit on all training features
+        scaler, model = _fit(train_features, train_labels, float(Cs[0]), max_iter, seed)
+        accuracy = float(model.score(scaler.transform(test_features), test_labels))
+        return {"accuracy": accuracy, "best_C": float(Cs[0]), "val_accuracy": None, "C_sweep": []}
     counts = np.bincount(train_labels)
     stratify = train_labels if counts[counts > 0].min() >= 2 else None
     fit_x, val_x, fit_y, val_y = train_test_split(train_features, train_labels, test_size=val_fraction,

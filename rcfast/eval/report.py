@@ -38,8 +38,11 @@ def markdown_table(rows: Mapping[str, Mapping[str, object]], columns: Sequence[s
 
 
 def bar_chart(rows: Mapping[str, Mapping[str, float]], columns: Sequence[str], path: str | Path,
-              title: str, ylabel: str = "accuracy") -> Path:
-    """Grouped bars: one group per column, one bar per row; saved as PNG at ``path``."""
+              title: str, ylabel: str = "accuracy", errors: Mapping[str, Mapping[str, float]] | None = None) -> Path:
+    """Grouped bars: one group per column, one bar per row; saved as PNG at ``path``.
+
+    ``errors[row][column]``, when given, draws an error bar of that half-height (e.g. a std).
+    """
     import matplotlib
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
@@ -50,7 +53,11 @@ def bar_chart(rows: Mapping[str, Mapping[str, float]], columns: Sequence[str], p
     for i, name in enumerate(names):
         values = [rows[name].get(c) for c in columns]
         xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(columns))]
-        ax.bar(xs, [v if v is not None else 0.0 for v in values], width, label=name)
+        yerr = None
+        if errors is not None:
+            yerr = [errors.get(name, {}).get(c) or 0.0 for c in columns]
+        ax.bar(xs, [v if v is not None else 0.0 for v in values], width, label=name, yerr=yerr,
+               error_kw={"elinewidth": 0.8, "capsize": 1.5})
     ax.set_xticks(range(len(columns)))
     ax.set_xticklabels(columns)
     ax.set_ylabel(ylabel)

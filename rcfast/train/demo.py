@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +33,10 @@ import torch
 
 from rcfast.eval import classifier_accuracy, evaluate_transfer
 from rcfast.eval.report import bar_chart, format_table, markdown_table
-from rcfast.models import build_classifier, build_model, classifier_backbone
-from rcfast.train.config import (DataConfig, OptimConfig, RunConfig, StudentConfig, TaskConfig, TeacherConfig,
-                                 TrainConfig, dump_config, load_config)
-from rcfast.train.checkpoint import isolated_rng, load_checkpoint, seed_everything
-from rcfast.train.consolidator import Consolidator
-from rcfast.train.teachers import extract_model_state
+from rcfast.models import build_model, classifier_backbone
+from rcfast.train.checkpoint import isolated_rng, seed_everything
+from rcfast.train.config import RunConfig, TaskConfig
+from rcfast.train.experiment import RunRecipe, labeled_images, load_backbone, load_classifier, train_runs
 
 __all__ = ["DemoSettings", "run_demo"]
 
@@ -68,32 +65,16 @@ class DemoSettings:
         return cls(teacher_steps=4, student_steps=4, batch_size=32)
 
 
-def _data(settings: DemoSettings, source: str = "") -> DataConfig:
-    # Digits are small and centred: no crops or flips (a flipped 2 is not a 2);
-    # batches are reshuffled every epoch.
-    return DataConfig(source=source, image_size=settings.image_size, batch_size=settings.batch_size,
-                      augment="none", shuffle=True, backend=settings.data_backend,
-                      num_threads=settings.num_threads, drop_last=True)
-
-
-def _train(settings: DemoSettings, out: Path, steps: int) -> TrainConfig:
-    return TrainConfig(max_steps=steps, precision=settings.precision, seed=settings.seed,
-                       log_every=max(1, steps // 10), checkpoint_every=0, keep_checkpoints=1,
-                       out_dir=str(out), resume="none", progress=True)
-
-
-def _optim(settings: DemoSettings, steps: int) -> OptimConfig:
-    return OptimConfig(name="adamw", lr=settings.lr, weight_decay=0.05, warmup_steps=max(1, steps // 10),
-                       clip_grad_norm=1.0)
-
-
-def _student(settings: DemoSettings) -> StudentConfig:
-    return StudentConfig(backbone=BACKBONE, backbone_kwargs={"width": settings.width})
+def _recipe(settings: DemoSettings) -> RunRecipe:
+    return RunRecipe(backbone=BACKBONE, width=settings.width, batch_size=settings.batch_size, lr=settings.lr,
+                     seed=settings.seed, image_size=settings.image_size, data_backend=settings.data_backend,
+                     num_threads=settings.num_threads, precision=settings.precision)
 
 
 def demo_configs(manifest: dict, out: Path, settings: DemoSettings) -> dict[str, RunConfig]:
     """The demo's runs, teachers first: ``{run_name: RunConfig}``."""
     runs = out / "runs"
+    recipe = _recipe(settings)
     teacher_tasks = {
         "generalist": TaskConfig("generalist", manifest["teacher_all"]["train"], 10),
         "task_a": TaskConfig("task_a", manifest["task_a"]["train"], 5),
@@ -101,16 +82,11 @@ def demo_configs(manifest: dict, out: Path, settings: DemoSettings) -> dict[str,
     }
     configs: dict[str, RunConfig] = {}
     for name, task in teacher_tasks.items():
-        configs[f"teacher_{name}"] = RunConfig(
-            student=_student(settings), tasks=[task], data=_data(settings),
-            objective=[{"term": "cross_entropy", "head": name}],
-            optim=_optim(settings, settings.teacher_steps),
-            train=_train(settings, runs / f"teacher_{name}", settings.teacher_steps))
+        configs[f"teacher_{name}"] = recipe.classifier_run(task, runs / f"teacher_{name}", settings.teacher_steps)
 
-    def teacher(name: str) -> TeacherConfig:
-        return TeacherConfig(name=name, builder=BACKBONE, num_classes=teacher_tasks[name].num_classes,
-                             checkpoint=str(runs / f"teacher_{name}" / "final.pt"),
-                             builder_kwargs={"width": settings.width}, generalist=name == "generalist")
+    def teacher(name: str):
+        return recipe.teacher(name, runs / f"teacher_{name}" / "final.pt", teacher_tasks[name].num_classes,
+                              generalist=name == "generalist")
 
     students = {
         "single_kd_a": ["task_a"],
@@ -118,30 +94,16 @@ def demo_configs(manifest: dict, out: Path, settings: DemoSettings) -> dict[str,
         "multi_kd_no_generalist": ["task_a", "task_b"],
     }
     for name, teacher_names in students.items():
-        configs[name] = RunConfig(
-            student=_student(settings), teachers=[teacher(t) for t in teacher_names],
-            data=_data(settings, manifest["proxy"]["path"]),
-            objective=[{"term": "multihead_kd", "temperature": settings.temperature}],
-            optim=_optim(settings, settings.student_steps),
-            train=_train(settings, runs / name, settings.student_steps))
+        configs[name] = recipe.distill_run([teacher(t) for t in teacher_names], manifest["proxy"]["path"],
+                                           runs / name, settings.student_steps, settings.temperature)
     oracle_tasks = [teacher_tasks[t] for t in ("task_a", "task_b", "generalist")]
-    # Each task stream yields one batch per step; splitting the batch size over
-    # the tasks gives the oracle as many images per step as the students.
-    oracle_data = _data(settings)
-    oracle_data.batch_size = max(1, settings.batch_size // len(oracle_tasks))
-    configs["oracle_multitask"] = RunConfig(
-        student=_student(settings), tasks=oracle_tasks,
-        objective=[{"term": "cross_entropy", "head": task.name} for task in oracle_tasks],
-        data=oracle_data, optim=_optim(settings, settings.student_steps),
-        train=_train(settings, runs / "oracle_multitask", settings.student_steps))
+    configs["oracle_multitask"] = recipe.multitask_run(oracle_tasks, runs / "oracle_multitask",
+                                                       settings.student_steps)
     return configs
 
 
 def _labeled(folder: str, settings: DemoSettings):
-    from rcfast.data import ProxyImages
-    return ProxyImages(folder, image_size=settings.image_size, batch_size=256, device="cpu", augment="none",
-                       labels=True, drop_last=False, shuffle=False, backend=settings.data_backend,
-                       num_threads=settings.num_threads)
+    return labeled_images(folder, settings.image_size, settings.data_backend, settings.num_threads)
 
 
 LABELS = {
@@ -171,22 +133,8 @@ def run_demo(out_dir: str | Path = "rcfast-demo", quick: bool = False, settings:
     started = time.perf_counter()
     manifest = demo_dataset(out / "data")
     configs = demo_configs(manifest, out, settings)
-    (out / "configs").mkdir(exist_ok=True)
-
-    summaries, final_paths = {}, {}
-    for name, config in configs.items():
-        run_dir = Path(config.train.out_dir)
-        if run_dir.exists():
-            shutil.rmtree(run_dir)  # the demo owns runs/<name>: a rerun starts from scratch
-        config_path = out / "configs" / f"{name}.yaml"
-        dump_config(config, config_path)
-        log(f"[demo] {name}: rcfast consolidate --config {config_path}")
-        trainer = Consolidator.from_config(load_config(config_path))
-        summaries[name] = trainer.fit()
-        trainer.close()
-        final_paths[name] = Path(summaries[name]["final"])
-        log(f"[demo] {name}: {summaries[name]['steps']} steps, loss {summaries[name]['loss']:.4f}, "
-            f"{summaries[name]['images_per_sec']:.0f} images/s")
+    summaries = train_runs(configs, out / "configs", fresh=True, log=log, label="demo")
+    final_paths = {name: Path(summary["final"]) for name, summary in summaries.items()}
     train_seconds = time.perf_counter() - started
 
     # Backbones to evaluate: a fresh random one, the teachers', the students'.
@@ -196,17 +144,13 @@ def run_demo(out_dir: str | Path = "rcfast-demo", quick: bool = False, settings:
     teacher_accuracy = {}
     for name in ("teacher_generalist", "teacher_task_a", "teacher_task_b"):
         task = configs[name].tasks[0]
-        model = build_classifier(BACKBONE, task.num_classes, width=settings.width)
-        model.load_state_dict(extract_model_state(load_checkpoint(final_paths[name])))
+        model = load_classifier(final_paths[name], task.num_classes, BACKBONE, width=settings.width)
         test_folder = manifest[{"teacher_generalist": "teacher_all", "teacher_task_a": "task_a",
                                 "teacher_task_b": "task_b"}[name]]["test"]
         teacher_accuracy[name] = classifier_accuracy(model, _labeled(test_folder, settings))
         backbones[name] = classifier_backbone(model)
     for name in ("single_kd_a", "repcon", "multi_kd_no_generalist", "oracle_multitask"):
-        model = build_model(BACKBONE, width=settings.width)
-        state = extract_model_state(load_checkpoint(final_paths[name]))
-        model.load_state_dict({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")})
-        backbones[name] = model
+        backbones[name] = load_backbone(final_paths[name], BACKBONE, width=settings.width)
 
     tasks = manifest["downstream"]
     # One pipeline per split, re-iterated for every backbone (building one costs more than an epoch).

@@ -14,15 +14,18 @@ index), written as class folders that `ProxyImages` reads like any user data.
 Modules: `fonts` (which font files), `catalog` (which characters each font
 really draws, by script; duplicates dropped), `classes` (choosing disjoint
 class subsets), `render` (one image), `dataset` (the folder tree and
-manifest), `sheet` (a contact sheet). See docs/glyphs.md.
+manifest), `sheet` (a contact sheet), `protocol` (the transfer protocol's
+roles, classes and data sets). See docs/glyphs.md.
 """
 
 from .catalog import GlyphCatalog, GlyphClass, load_catalog
 from .classes import available_scripts, script_classes, split_classes
 from .dataset import GlyphDataset, glyph_dataset
 from .fonts import resolve_fonts
+from .protocol import GlyphProtocol, ProtocolClasses, ProtocolData, choose_classes, protocol_data
 from .render import RenderParams
 from .sheet import contact_sheet
 
-__all__ = ["GlyphCatalog", "GlyphClass", "GlyphDataset", "RenderParams", "available_scripts", "contact_sheet",
-           "glyph_dataset", "load_catalog", "resolve_fonts", "script_classes", "split_classes"]
+__all__ = ["GlyphCatalog", "GlyphClass", "GlyphDataset", "GlyphProtocol", "ProtocolClasses", "ProtocolData",
+           "RenderParams", "available_scripts", "choose_classes", "contact_sheet", "glyph_dataset", "load_catalog",
+           "protocol_data", "resolve_fonts", "script_classes", "split_classes"]
