@@ -8,6 +8,10 @@
 - ``rcfast bench [args]``: the loss benchmark ``bench/bench_kd_loss.py`` of a
   source checkout, in script mode.
 - ``rcfast demo [--out DIR] [--quick]``: the end-to-end digits demo.
+- ``rcfast cache-teachers --config run.yaml [--epochs E] [--top-k K] [--out DIR]``:
+  run the config's teachers once over the images its run will see and store
+  their (top-k) logits; a run with ``teacher_cache: DIR`` reads them instead
+  (docs/teacher_cache.md).
 
 Configuration and input errors print one ``rcfast: error: ...`` line and exit
 with status 2 (``RCFAST_DEBUG=1`` shows the traceback instead).
@@ -62,6 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="rcfast-demo", help="output folder (default: ./rcfast-demo)")
     p.add_argument("--quick", action="store_true", help="tiny budgets: a smoke test in well under a minute")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+    p = sub.add_parser("cache-teachers", help="run a config's teachers once and store their top-k logits for its run")
+    p.add_argument("--config", required=True, help="the YAML run config whose teachers and data are cached")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, as for consolidate")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs to cover (default: what train.max_steps needs)")
+    p.add_argument("--top-k", type=int, default=None, help="logits kept per sample and teacher (default: all)")
+    p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"),
+                   help="storage of the logits (default: fp32 when all are kept, else fp16)")
+    p.add_argument("--num-shards", type=int, default=None,
+                   help="ranks of the runs that read it bitwise (default: the torchrun world size, else 1)")
+    p.add_argument("--out", default=None,
+                   help="cache folder (default: the config's teacher_cache, else <train.out_dir>/teacher_cache)")
     return parser
 
 
@@ -176,7 +194,25 @@ def _demo(args) -> int:
     return 0
 
 
-COMMANDS = {"consolidate": _consolidate, "eval": _eval, "bench": _bench, "demo": _demo}
+def _cache_teachers(args) -> int:
+    from rcfast.train import load_config
+    from rcfast.train.runtime import apply_runtime
+    from rcfast.train.teacher_cache import build_teacher_cache
+
+    config = load_config(args.config, args.overrides)
+    out = args.out or config.teacher_cache or str(Path(config.train.out_dir) / "teacher_cache")
+    # The teachers must compute what they compute in the run: the same threads/determinism settings.
+    apply_runtime(config.train)
+    summary = build_teacher_cache(config, out, epochs=args.epochs, top_k=args.top_k, dtype=args.dtype,
+                                  num_shards=args.num_shards, progress=config.train.progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=1))
+        print(f"train from it: rcfast consolidate --config {args.config} --set teacher_cache={out}")
+    return 0
+
+
+COMMANDS = {"consolidate": _consolidate, "eval": _eval, "bench": _bench, "demo": _demo,
+            "cache-teachers": _cache_teachers}
 
 
 def main(argv: list[str] | None = None) -> int:

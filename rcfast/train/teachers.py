@@ -25,6 +25,7 @@ from torch import nn
 from rcfast.models import build_classifier
 from rcfast.train.config import TeacherConfig
 from rcfast.train.hooks import LayerCapture
+from rcfast.train.sparse_teacher import SparseTeacherLogits
 
 __all__ = ["load_teacher", "extract_model_state", "TeacherSource", "TeacherRequest", "TeacherOutputs",
            "OnlineTeachers"]
@@ -98,10 +99,11 @@ class TeacherRequest:
 
 @dataclass
 class TeacherOutputs:
-    """``logits``: ``[B, sum(C_t)]`` in the request's teacher order (no gradient);
+    """``logits``: ``[B, sum(C_t)]`` in the request's teacher order (no gradient), or, from a top-k
+    teacher cache, a :class:`~rcfast.train.sparse_teacher.SparseTeacherLogits`;
     ``layers``: ``{(teacher, layer): tensor}`` (no gradient)."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | SparseTeacherLogits
     layers: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
 
 
@@ -122,6 +124,10 @@ class TeacherSource:
 
     def to(self, device) -> "TeacherSource":
         return self
+
+    def check_inputs(self, keys) -> None:
+        """Raise a ``ConfigError`` before training if the objective's declared ``keys`` ask for what this
+        source cannot give (e.g. a logit cache asked for another stream); by default everything is fine."""
 
 
 def _num_classes(name: str, module: nn.Module) -> int:
