@@ -604,3 +604,53 @@ def test_the_top_k_loss_through_the_term_equals_the_dense_loss_at_full_k():
         torch.testing.assert_close(value, objective.parts(dense_step)["multihead_kd"][head])
     assert isinstance(keys[1], TeacherLogits) and keys[1].accepts_top_k
     assert math.isfinite(float(sparse_loss))
+
+
+def _top_k_kd_by_hand(student, values, indices, sizes, temperatures, weights):
+    """The top-k KD loss written out per head: ``sum_h w_h tau_h^2 sum_j p_j (log p_j - log q[idx_j])``, batch mean.
+
+    ``p`` is the softmax of the head's non-padding values over its k entries; ``q``
+    the student's softmax over all the head's classes.
+    """
+    total, start = 0.0, 0
+    for h, (size, tau, w) in enumerate(zip(sizes, temperatures, weights)):
+        log_q = torch.log_softmax(student[:, start:start + size] / tau, dim=1)
+        start += size
+        v = values[:, h].float() / tau
+        entry = ~torch.isneginf(v)
+        log_p = torch.log_softmax(v, dim=1)
+        gathered = log_q.gather(1, torch.where(entry, indices[:, h].long(), 0))
+        kl = torch.where(entry, log_p.exp() * (log_p - gathered), 0.0).sum(dim=1)
+        total = total + w * tau ** 2 * kl
+    return total.sum() / student.shape[0]
+
+
+def test_the_top_k_term_is_the_top_k_loss_with_padding_and_fp16_values():
+    """multihead_kd on top-k teachers as a top-k cache stores them (fp16 ``logit - max``, -inf/-1 padding for a
+    head with fewer classes than k) computes the top-k loss and its gradient, whichever op it goes through."""
+    from rcfast.train.objectives.inputs import StepInputs
+
+    sizes, k, batch = {"a": 12, "b": 3, "c": 40}, 5, 7
+    temperatures, weights = {"a": 2.0, "b": 1.0, "c": 4.0}, {"a": 1.0, "b": 0.5, "c": 2.0}
+    objective = Objective.from_specs([{"term": "multihead_kd", "temperature": temperatures,
+                                       "head_weights": weights}])
+    layout = RunLayout(heads=sizes, teachers=sizes, streams={"proxy": StreamInfo(False)})
+    keys = objective.bind(layout)
+    gen = torch.Generator().manual_seed(1)
+    teacher = torch.randn(batch, sum(sizes.values()), generator=gen) * 3
+    values, indices = top_k_rows(teacher, list(sizes.values()), k, "fp16")
+    values = torch.from_numpy(values).view(batch, 3, k)
+    indices = torch.from_numpy(indices).view(batch, 3, k).to(torch.int32)
+    assert torch.isneginf(values[:, 1, 3:]).all() and (indices[:, 1, 3:] == -1).all()
+    sparse = SparseTeacherLogits(values, indices, tuple(sizes), sizes)
+    student = torch.randn(batch, sum(sizes.values()), generator=gen, requires_grad=True)
+    loss, _ = objective(StepInputs(0, {keys[0]: student, keys[1]: sparse}))
+    (grad,) = torch.autograd.grad(loss, student)
+    expected = _top_k_kd_by_hand(student, values, indices, list(sizes.values()), list(temperatures.values()),
+                                 list(weights.values()))
+    (expected_grad,) = torch.autograd.grad(expected, student)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-7)
+    # Top-k loses mass: the loss differs from the dense one on the same teacher.
+    dense_loss, _ = objective(StepInputs(0, {keys[0]: student, keys[1]: teacher}))
+    assert abs(float(dense_loss.detach()) - float(loss.detach())) > 1e-3
