@@ -1,4 +1,4 @@
-"""The ``rcfast`` command: ``consolidate``, ``eval``, ``bench`` and ``demo``.
+"""The ``rcfast`` command and its subcommands.
 
 - ``rcfast consolidate --config run.yaml [--set key=value ...]``: train from a
   YAML config (see :class:`rcfast.train.RunConfig`); under ``torchrun`` it runs DDP.
@@ -16,6 +16,10 @@
 - ``rcfast benchmark transfer [--seeds N] [--quick] [--out DIR] [--overwrite]``:
   the representation-consolidation paper's protocol on glyph images, several
   seeds, its claims tested (docs/benchmark.md).
+- ``rcfast cache-teachers --config run.yaml [--epochs E] [--top-k K] [--out DIR]``:
+  run the config's teachers once over the images its run will see and store
+  their (top-k) logits; a run with ``teacher_cache: DIR`` reads them instead
+  (docs/teacher_cache.md).
 
 Configuration and input errors -- and a run that diverges, loses a DDP peer,
 or meets an unusable checkpoint -- print one ``rcfast: error: ...`` line and
@@ -46,6 +50,8 @@ COMMAND_NEEDS = {
     "demo": ("yaml", "tqdm", "sklearn", "threadpoolctl", "matplotlib") + _DATA,
     "bench": (),
     "benchmark": ("yaml", "tqdm", "sklearn", "threadpoolctl", "matplotlib", "fontTools") + _DATA,
+    "rank-teachers": ("yaml", "sklearn", "threadpoolctl") + _DATA,
+    "cache-teachers": ("yaml", "tqdm") + _DATA,
 }
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -143,6 +149,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the ranking to this JSON file")
     p.add_argument("--save-costs", default=None, metavar="DIR",
                    help="write each ranked teacher's cost matrix to DIR/<name>.cost.pt (the ot_distill term's cost)")
+
+    p = sub.add_parser("cache-teachers", help="run a config's teachers once and store their top-k logits for its run")
+    p.add_argument("--config", required=True, help="the YAML run config whose teachers and data are cached")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, as for consolidate")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs to cover (default: what train.max_steps needs)")
+    p.add_argument("--top-k", type=int, default=None, help="logits kept per sample and teacher (default: all)")
+    p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"),
+                   help="storage of the logits (default: fp32 when all are kept, else fp16)")
+    p.add_argument("--num-shards", type=int, default=None,
+                   help="ranks of the runs that read it bitwise (default: the torchrun world size, else 1)")
+    p.add_argument("--out", default=None,
+                   help="cache folder (default: the config's teacher_cache, else <train.out_dir>/teacher_cache)")
     return parser
 
 
@@ -400,9 +420,27 @@ def _method_demo(args) -> int:
     return 0
 
 
+def _cache_teachers(args) -> int:
+    from rcfast.train import load_config
+    from rcfast.train.runtime import apply_runtime
+    from rcfast.train.teacher_cache import build_teacher_cache
+
+    config = load_config(args.config, args.overrides)
+    out = args.out or config.teacher_cache or str(Path(config.train.out_dir) / "teacher_cache")
+    # The teachers must compute what they compute in the run: the same threads/determinism settings.
+    apply_runtime(config.train)
+    summary = build_teacher_cache(config, out, epochs=args.epochs, top_k=args.top_k, dtype=args.dtype,
+                                  num_shards=args.num_shards, progress=config.train.progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=1))
+        print(f"train from it: rcfast consolidate --config {args.config} --set teacher_cache={out}")
+    return 0
+
+
 COMMANDS = {"consolidate": _consolidate, "eval": _eval, "bench": _bench, "demo": _demo}
 COMMANDS["rank-teachers"] = _rank_teachers
 COMMANDS["benchmark"] = _benchmark
+COMMANDS["cache-teachers"] = _cache_teachers
 
 
 def _one_line_warnings(message, category, filename, lineno, file=None, line=None) -> str:

@@ -1,6 +1,7 @@
 """Configs (YAML <-> dataclasses), clear errors for bad configs, and the ``rcfast`` command end to end."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -547,3 +548,11 @@ def test_importing_a_subpackage_without_its_extra_names_the_extra():
     assert len(lines) == 3, result.stdout
     for line, (package, _, extra) in zip(lines, cases):
         assert line.startswith(f"MissingExtraError {package} needs") and f"pip install 'rcfast[{extra}]'" in line
+
+
+def test_every_subcommand_declares_the_extras_it_needs():
+    """A new subcommand must add its line to COMMAND_NEEDS, or a missing extra surfaces mid-run."""
+    from rcfast.cli import COMMAND_NEEDS, COMMANDS, build_parser
+
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subparsers.choices) == set(COMMANDS) == set(COMMAND_NEEDS)

@@ -251,6 +251,11 @@ class ProxyImages:
         return len(self.classes) if self.classes is not None else int(self._labels.max()) + 1
 
     @property
+    def paths(self) -> list[str]:
+        """The readable images' paths (all shards): ``paths[i]`` is global image index ``i`` of `epoch_indices`."""
+        return list(self._images.paths)
+
+    @property
     def skipped(self) -> list[tuple[str, str]]:
         """(path, reason) of the source's files that are not readable images."""
         return list(self._images.skipped)

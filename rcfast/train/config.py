@@ -201,6 +201,8 @@ class RunConfig:
     objective: list[dict] = field(default_factory=list)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    #: a teacher cache folder (``rcfast cache-teachers``) read instead of running the teachers
+    teacher_cache: str = ""
 
     def student_heads(self) -> dict[str, int]:
         """``{head: num_classes}`` of the student: ``student.heads``, else one per teacher, else one per task."""
@@ -254,6 +256,9 @@ class RunConfig:
         if not self.objective:
             raise ConfigError("objective must list at least one term, e.g. objective: [{term: multihead_kd}] to "
                               "distil every teacher into its head, or [{term: cross_entropy, head: <task>}]")
+        if self.teacher_cache and not (self.teachers and self.data.source):
+            raise ConfigError("teacher_cache needs the run's teachers and data.source: the cache holds those "
+                              "teachers' logits on those images")
         self._check_objective(heads)
         return self
 

@@ -209,6 +209,10 @@ class Consolidator:
         the data streams (scanning a large folder is the longest step; a batch
         larger than the data set is refused).
 
+        With ``teacher_cache: DIR`` the teachers are read from that cache
+        (:class:`~rcfast.train.teacher_cache.CachedTeachers`, checked against
+        this run's data, plan and teachers) instead of being loaded and run.
+
         Run-wide process settings are not applied here (see
         :func:`rcfast.train.runtime.apply_runtime`); the caller's RNG states are
         left as they were.
@@ -250,7 +254,7 @@ class Consolidator:
         teachers = {}
         with isolated_rng():
             probe = torch.zeros(1, 3, d.image_size, d.image_size, device=ctx.device)
-            for tc in config.teachers:
+            for tc in [] if config.teacher_cache else config.teachers:  # a cache replaces the models
                 teacher = load_teacher(tc, ctx.device)
                 with torch.inference_mode():
                     out = teacher(probe)
@@ -282,7 +286,10 @@ class Consolidator:
             data[task.name] = proxy(f"tasks[{i}].source", task.source, labels=True)
 
         teacher_source = None
-        if teachers:
+        if config.teacher_cache:
+            from rcfast.train.teacher_cache import CachedTeachers  # checks the cache against this run
+            teacher_source = CachedTeachers.for_run(config, data[PROXY_STREAM])
+        elif teachers:
             teacher_source = OnlineTeachers(teachers, num_classes={tc.name: tc.num_classes for tc in config.teachers})
         trainer = cls(student, Objective.from_specs(config.objective), data, teachers=teacher_source, train=t,
                       optim=config.optim, run_config=config, dist_context=ctx,

@@ -26,6 +26,7 @@ from torch import nn
 from rcfast.train.hooks import LayerCapture
 from rcfast.train.objectives.inputs import (Images, InputKey, Labels, StepInputs, StudentLayer, StudentLogits,
                                             TeacherLayer, TeacherLogits)
+from rcfast.train.sparse_teacher import SparseTeacherLogits
 from rcfast.train.teachers import TeacherRequest, TeacherSource
 
 __all__ = ["InputPlan", "select_columns"]
@@ -105,6 +106,8 @@ class InputPlan:
                 self.teacher_plan[stream] = (tuple(order), {t: tuple(v) for t, v in layers.items()})
         if self.teacher_plan and teachers is None:
             raise ValueError("the objective needs teacher outputs but the run has no teachers")
+        if teachers is not None:
+            teachers.check_inputs(self.keys)
         self.student, self.model, self.teachers = student, model, teachers
         self.head_sizes = dict(head_sizes)
         self.device = device
@@ -170,8 +173,11 @@ class InputPlan:
                 values[key] = stream_rows(student_layers[key.layer], key.stream)
             elif isinstance(key, TeacherLogits):
                 order = self.teacher_plan[key.stream][0]
-                values[key] = select_columns(teacher_logits[key.stream], order, self.teachers.num_classes,
-                                             key.teachers)
+                logits = teacher_logits[key.stream]
+                if isinstance(logits, SparseTeacherLogits):  # top-k teachers (a cache): the term accepts them
+                    values[key] = logits.select(key.teachers)
+                else:
+                    values[key] = select_columns(logits, order, self.teachers.num_classes, key.teachers)
             elif isinstance(key, TeacherLayer):
                 values[key] = teacher_layers[(key.stream, key.teacher, key.layer)]
             else:

@@ -28,6 +28,7 @@ from rcfast.models import build_classifier
 from rcfast.train.checkpoint import check_checkpoint_file, file_sha256, load_checkpoint
 from rcfast.train.config import ConfigError, TeacherConfig
 from rcfast.train.hooks import LayerCapture
+from rcfast.train.sparse_teacher import SparseTeacherLogits
 
 __all__ = ["load_teacher", "teacher_file_sha256", "extract_model_state", "TeacherSource", "TeacherRequest",
            "TeacherOutputs", "OnlineTeachers"]
@@ -119,10 +120,11 @@ class TeacherRequest:
 
 @dataclass
 class TeacherOutputs:
-    """``logits``: ``[B, sum(C_t)]`` in the request's teacher order (no gradient);
+    """``logits``: ``[B, sum(C_t)]`` in the request's teacher order (no gradient), or, from a top-k
+    teacher cache, a :class:`~rcfast.train.sparse_teacher.SparseTeacherLogits`;
     ``layers``: ``{(teacher, layer): tensor}`` (no gradient)."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | SparseTeacherLogits
     layers: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
 
 
@@ -143,6 +145,10 @@ class TeacherSource:
 
     def to(self, device) -> "TeacherSource":
         return self
+
+    def check_inputs(self, keys) -> None:
+        """Raise a ``ConfigError`` before training if the objective's declared ``keys`` ask for what this
+        source cannot give (e.g. a logit cache asked for another stream); by default everything is fine."""
 
 
 def _num_classes(name: str, module: nn.Module) -> int:

@@ -79,10 +79,14 @@ class TeacherLogits(InputKey):
     """The logits of ``teachers`` (packed side by side in this order) on ``stream``: ``[B, sum(C_t)]``.
 
     Constants (no gradient), from the run's teacher source (models run under
-    ``inference_mode``, or a cache).
+    ``inference_mode``, or a cache). ``accepts_top_k``: the term also takes the
+    teachers as their top-k logits (a
+    :class:`~rcfast.train.sparse_teacher.SparseTeacherLogits`), which is what a
+    top-k teacher cache gives; without it such a cache is refused before training.
     """
 
     teachers: tuple[str, ...]
+    accepts_top_k: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "teachers", tuple(self.teachers))

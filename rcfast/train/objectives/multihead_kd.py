@@ -11,7 +11,10 @@ Options (YAML ``{term: multihead_kd, ...}``):
 - ``data``: the data stream (default ``proxy``).
 
 Loss: :func:`rcfast.multihead_kd_loss` with ``reduction="batchmean"`` on the
-run's ``train.loss_backend``; per-head values are logged as parts.
+run's ``train.loss_backend``; per-head values are logged as parts. The
+teachers may come as their top-k logits (a top-k teacher cache,
+:class:`~rcfast.train.sparse_teacher.SparseTeacherLogits`): the loss is then the
+top-k loss, the teacher's softmax over its k entries and 0 elsewhere.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import torch
 from rcfast.ops.multihead_kd import multihead_kd_loss
 from rcfast.train.objectives.base import Term, TermSetup, register_term
 from rcfast.train.objectives.inputs import StepInputs, StudentLogits, TeacherLogits
+from rcfast.train.sparse_teacher import SparseTeacherLogits
 
 __all__ = ["MultiHeadKD"]
 
@@ -42,6 +46,15 @@ def _check_per_head(option: str, value, positive: bool) -> None:
             _check_number(f"{option}[{head!r}]", v, positive)
     else:
         _check_number(option, value, positive)
+
+
+def _kd_loss(student: torch.Tensor, teacher, **options) -> torch.Tensor:
+    """The fused KD loss against dense packed teacher logits, or against top-k ones."""
+    if isinstance(teacher, SparseTeacherLogits):
+        # The dense op on logits that are -inf outside the top k is the top-k loss exactly
+        # (a -inf teacher logit has p = 0).
+        return multihead_kd_loss(student, teacher.to_dense(), **options)
+    return multihead_kd_loss(student, teacher, **options)
 
 
 def per_head(setup: TermSetup, option: str, value, heads: list[str]) -> list[float]:
@@ -92,25 +105,29 @@ class MultiHeadKD(Term):
                 raise setup.error(f"student head {head!r} has {setup.heads[head]} classes but teacher {teacher!r} "
                                   f"has {setup.teachers[teacher]}")
         self.head_names = list(pairs)
+        self.teacher_names = list(pairs.values())
         stream = setup.stream(self.data)
         self.splits = [setup.heads[h] for h in self.head_names]
         self.temperatures = per_head(setup, "temperature", self.temperature_option, self.head_names)
         self.weights_per_head = per_head(setup, "head_weights", self.head_weights_option, self.head_names)
         self.backend = setup.loss_backend
         self.student_key = setup.need(StudentLogits(stream, tuple(self.head_names)))
-        self.teacher_key = setup.need(TeacherLogits(stream, tuple(pairs.values())))
+        self.teacher_key = setup.need(TeacherLogits(stream, tuple(pairs.values()), accepts_top_k=True))
 
     def forward(self, step: StepInputs) -> torch.Tensor:
-        return multihead_kd_loss(step[self.student_key], step[self.teacher_key], splits=self.splits,
-                                 temperature=self.temperatures, weights=self.weights_per_head,
-                                 reduction="batchmean", backend=self.backend)
+        return _kd_loss(step[self.student_key], step[self.teacher_key], splits=self.splits,
+                        temperature=self.temperatures, weights=self.weights_per_head,
+                        reduction="batchmean", backend=self.backend)
 
     def parts(self, step: StepInputs) -> dict[str, torch.Tensor]:
         student, teacher = step[self.student_key], step[self.teacher_key]
         out, start = {}, 0
-        for head, size, tau, weight in zip(self.head_names, self.splits, self.temperatures, self.weights_per_head):
+        for i, (head, size, tau, weight) in enumerate(zip(self.head_names, self.splits, self.temperatures,
+                                                          self.weights_per_head)):
             cols = slice(start, start + size)
             start += size
-            out[head] = multihead_kd_loss(student[:, cols], teacher[:, cols], temperature=tau, weights=[weight],
-                                          backend=self.backend)
+            head_teacher = (teacher.select((self.teacher_names[i],)) if isinstance(teacher, SparseTeacherLogits)
+                            else teacher[:, cols])
+            out[head] = _kd_loss(student[:, cols], head_teacher, temperature=tau, weights=[weight],
+                                 backend=self.backend)
         return out
