@@ -4,18 +4,20 @@ This module owns the ``@triton.jit`` kernel and the host function
 :func:`sparse_kd_head_losses` that launches it; the ``torch.library`` op around
 it is :mod:`rcfast.ops.sparse_triton_backend`. The math and the ``-inf``/NaN
 rules are the dense kernel's (:mod:`rcfast.kernels.kd_loss`, whose tiling and
-finalisation helpers are reused), with the teacher given per (row, head) as k
+scaling helpers are reused), with the teacher given per (row, head) as k
 logits ``values`` at class indices ``indices`` (within the head), ``-inf``
 values marking padding.
 
 One program per (row, head):
 
 - the teacher, in ``BLOCK_K``-wide chunks of its k entries: running max and
-  ``l_t = sum exp(v/tau - m_t)`` and ``A = sum exp(v/tau - m_t) * (v - s[idx]) / tau``,
-  gathering the student at the entries' indices;
+  ``l_t = sum exp(v/tau - m_t)``;
 - the student, streamed once over the head's classes in ``BLOCK`` tiles: running
   max and ``l_s`` (no dense teacher is read);
-- ``KL = A / l_t - lse_t + lse_s``;
+- ``KL = sum_j p_j (log p_j - log q_j)`` over the entries, gathering the student
+  at their indices, each log-probability relative to its own max (the dense
+  kernel's ``A / l_t - lse_t + lse_s`` would cancel large terms, e.g. a teacher
+  logit near float's maximum against ordinary student logits);
 - with ``COMPUTE_GRAD``, the gradient ``coef * softmax(s/tau)`` is written over
   the whole head, then (after a barrier: other threads of the program wrote
   those addresses) overwritten at the k entries by ``coef * (softmax(s/tau)[idx] - P)``,
@@ -35,7 +37,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .kd_loss import (
-    ALIGN, NEG_INF, _grad_scale, _kl_from_stats, _launch_context, _segments, _shift, block_and_warps,
+    ALIGN, NEG_INF, _grad_scale, _launch_context, _segments, _shift, block_and_warps,
 )
 
 __all__ = ["sparse_kd_head_losses", "entry_block"]
@@ -52,7 +54,7 @@ def _student_tile(s_ptr, offs, lo, hi, tau, m_s, l_s, MASKED: tl.constexpr):
         x_s = tl.load(s_ptr + offs).to(tl.float32) / tau
     new_m_s = tl.maximum(m_s, tl.max(x_s, axis=0))
     shift = tl.where(new_m_s == NEG_INF, 0.0, new_m_s)
-    # A NaN logit makes l_s NaN (exp(NaN) = NaN), which _kl_from_stats keeps.
+    # A NaN logit makes l_s NaN (exp(NaN) = NaN), which the KL keeps.
     l_s = l_s * tl.exp(m_s - shift) + tl.sum(tl.exp(x_s - shift), axis=0)
     return new_m_s, l_s
 
@@ -110,42 +112,51 @@ def _sparse_kd_kernel(
     v_row = values_ptr + entries
     i_row = indices_ptr + entries
 
-    # Teacher: online (m_t, l_t, A) over the k entries, in chunks.
+    # Teacher: online (m_t, l_t) over the k entries, in chunks.
     m_t = tl.full((), NEG_INF, tl.float32)
     l_t = tl.full((), 0.0, tl.float32)
-    a = tl.full((), 0.0, tl.float32)
     num_bad = tl.full((), 0, tl.int32)
     for j0 in range(0, k, BLOCK_K):
-        x_t, index, usable, bad, x_s = _load_entries(v_row, i_row, s_head, j0 + tl.arange(0, BLOCK_K), k,
-                                                     head_size, tau)
-        num_bad += tl.sum(bad.to(tl.int32), axis=0)
+        offs = j0 + tl.arange(0, BLOCK_K)
+        in_k = offs < k
+        x_t = tl.load(v_row + offs, mask=in_k, other=NEG_INF).to(tl.float32) / tau
+        index = tl.load(i_row + offs, mask=in_k, other=0).to(tl.int64)
+        num_bad += tl.sum(((x_t != NEG_INF) & ((index < 0) | (index >= head_size))).to(tl.int32), axis=0)
         new_m_t = tl.maximum(m_t, tl.max(x_t, axis=0))
-        shift_t = tl.where(new_m_t == NEG_INF, 0.0, new_m_t)
-        alpha_t = tl.exp(m_t - shift_t)
-        e_t = tl.exp(x_t - shift_t)
-        l_t = l_t * alpha_t + tl.sum(e_t, axis=0)
-        # As in the dense kernel: no mass, no term (even against a student -inf).
-        term = tl.where(e_t == 0.0, 0.0, e_t * (x_t - x_s))
-        a = tl.where(alpha_t == 0.0, 0.0, a * alpha_t) + tl.sum(term, axis=0)
+        shift = tl.where(new_m_t == NEG_INF, 0.0, new_m_t)
+        # A NaN value makes l_t NaN (exp(NaN) = NaN), whatever the max did with it.
+        l_t = l_t * tl.exp(m_t - shift) + tl.sum(tl.exp(x_t - shift), axis=0)
         m_t = new_m_t
 
     # Student: one streaming pass over the head.
-    lo = row * n_cols + begin
-    hi = row * n_cols + end
-    m_s, l_s = _student_stats(student_ptr, lo, hi, tau, BLOCK, ALIGN)
-    kl = _kl_from_stats(m_s, l_s, m_t, l_t, a)
+    m_s, l_s = _student_stats(student_ptr, row * n_cols + begin, row * n_cols + end, tau, BLOCK, ALIGN)
+    shift_s = _shift(m_s)
+    log_l_s = tl.log(l_s)
+    log_l_s = tl.where(log_l_s == NEG_INF, 0.0, log_l_s)  # student -inf everywhere: q = 0
+    shift_t = _shift(m_t)
+    no_teacher_mass = l_t == 0.0  # padding only: no loss, no gradient
+    log_l_t = tl.where(no_teacher_mass, 0.0, tl.log(l_t))
+
+    # KL = sum_j p_j (log p_j - log q_j) over the entries, each log-probability
+    # relative to its own max: nothing large cancels.
+    kl = tl.full((), 0.0, tl.float32)
+    for j0 in range(0, k, BLOCK_K):
+        x_t, index, usable, bad, x_s = _load_entries(v_row, i_row, s_head, j0 + tl.arange(0, BLOCK_K), k,
+                                                     head_size, tau)
+        log_p = (x_t - shift_t) - log_l_t
+        p = tl.exp(log_p)
+        log_q = (x_s - shift_s) - log_l_s
+        # p = 0 (padding, underflow) adds nothing, even against a student -inf; NaN stays NaN.
+        kl += tl.sum(tl.where(p == 0.0, 0.0, p * (log_p - log_q)), axis=0)
+    kl = tl.where(l_s == 0.0, float("inf"), kl)
+    # A head of padding only adds 0, unless the student has a NaN (then l_s is NaN).
+    kl = tl.where(no_teacher_mass, tl.where(l_s != l_s, l_s, 0.0), kl)
     kl = tl.where(num_bad > 0, float("nan"), kl)
     tl.store(head_loss_ptr + row * n_heads + head, weight * tau * tau * kl)
 
     if COMPUTE_GRAD:
         coef = _grad_scale(n_rows, n_heads, REDUCTION) * weight * tau
         nan_head = kl != kl
-        no_teacher_mass = l_t == 0.0  # padding only: no loss, no gradient
-        shift_s = _shift(m_s)
-        log_l_s = tl.log(l_s)
-        log_l_s = tl.where(log_l_s == NEG_INF, 0.0, log_l_s)  # student -inf everywhere: q = 0
-        shift_t = _shift(m_t)
-        log_l_t = tl.where(no_teacher_mass, 0.0, tl.log(l_t))
         g_head = grad_ptr + row * n_cols + begin
         # coef * softmax(s / tau) over the head, a tile at a time (unaligned: written once).
         for c0 in range(0, head_size, BLOCK):

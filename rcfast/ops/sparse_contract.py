@@ -118,12 +118,17 @@ def _hand_over_is_safe(grad_loss: torch.Tensor) -> bool:
     )
 
 
-def _reduction_scale(reduction: int, batch: int, num_heads: int) -> float:
+def _scaled_by_reduction(per_head: torch.Tensor, reduction: int, batch, num_heads) -> torch.Tensor:
+    """``per_head`` times the reduction's scale (1; 1/B for batchmean; 1/(B*H) for mean).
+
+    Tensor ops on the (possibly symbolic) sizes: no Python float is made of them,
+    so the formula traces under torch.compile with dynamic shapes.
+    """
     if reduction == REDUCTION_CODES["batchmean"]:
-        return 1.0 / batch
+        return per_head / batch
     if reduction == REDUCTION_CODES["mean"]:
-        return 1.0 / (batch * num_heads)
-    return 1.0
+        return per_head / (batch * num_heads)
+    return per_head
 
 
 def _column_heads(head_offsets: torch.Tensor, num_cols: int) -> torch.Tensor:
@@ -146,8 +151,7 @@ def _hessian_vector_product(grad, vector, teacher_values, teacher_indices, head_
     num_heads = head_offsets.shape[0] - 1
     compute_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
     column_head = _column_heads(head_offsets, num_cols)
-    scale = _reduction_scale(reduction, batch, num_heads)
-    curvature = (weights.to(compute_dtype) * scale)                         # scale * w_h      [H]
+    curvature = _scaled_by_reduction(weights.to(compute_dtype), reduction, batch, num_heads)  # scale * w_h
     coef = curvature * temperatures.to(compute_dtype)                       # scale * w_h * tau_h
     safe_coef = torch.where(coef == 0, torch.ones_like(coef), coef)
 
