@@ -9,7 +9,6 @@ or built: this is what the teacher cache stores.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Sequence
 
@@ -140,7 +139,6 @@ def _check_per_head(temperatures, weights) -> None:
             raise ValueError(f"weights must be finite, got {weight}")
 
 
-@functools.lru_cache(maxsize=None)
 def _head_offsets(head_sizes: tuple[int, ...]) -> tuple[int, ...]:
     offsets = [0]
     for size in head_sizes:
