@@ -7,10 +7,10 @@
 //
 // The schema is in csrc/bindings.cpp; the contract is
 // rcfast/ops/sparse_contract.py.
-#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -69,8 +69,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_multihead_kd_fwd_cpu(
   const int64_t batch = student.size(0);
   const int64_t total_classes = student.size(1);
   TORCH_CHECK(batch > 0, kOp, "batch size must be > 0");
-  TORCH_CHECK(reduction >= 0 && reduction <= 3, kOp,
+  TORCH_CHECK(kd::kd_is_reduction(reduction), kOp,
               "reduction must be 0 (none), 1 (sum), 2 (mean) or 3 (batchmean), got ", reduction);
+  const auto reduction_kind = static_cast<kd::KDReduction>(reduction);
   TORCH_CHECK(head_offsets.dim() == 1 && head_offsets.scalar_type() == at::kLong, kOp,
               "head_offsets must be a 1-D int64 tensor [H + 1]");
   const int64_t num_heads = head_offsets.size(0) - 1;
@@ -99,33 +100,27 @@ std::tuple<at::Tensor, at::Tensor> sparse_multihead_kd_fwd_cpu(
   TORCH_CHECK(offsets[num_heads] == total_classes, kOp, "head_offsets must end at N = ", total_classes,
               ", got ", offsets[num_heads]);
 
-  const bool is_double = student.scalar_type() == at::kDouble;
-  const auto loss_dtype = is_double ? at::kDouble : at::kFloat;
-  at::Tensor task_losses = at::empty({batch, num_heads}, student.options().dtype(loss_dtype));
+  const auto loss_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor task_losses = at::empty({batch, num_heads}, student.options().dtype(at::kDouble));
   at::Tensor grad = compute_grad ? at::empty({batch, total_classes}, student.options())
                                  : at::empty({0}, student.options());
-  const double grad_scale = kd::kd_reduction_scale(reduction, batch, num_heads);
+  const double grad_scale = kd::kd_reduction_scale(reduction_kind, batch, num_heads);
   run_kernel(SparseKDCpuArgs{student.contiguous(), values.contiguous(), indices.contiguous(), offsets, taus,
                              head_weights, num_heads, grad_scale, compute_grad, task_losses, grad});
 
   // Reduction in a fixed order, in double: per row over heads, then over rows.
-  at::Tensor loss = reduction == 0 ? at::empty({batch}, student.options().dtype(loss_dtype))
-                                   : at::empty({}, student.options().dtype(loss_dtype));
-  AT_DISPATCH_FLOATING_TYPES(task_losses.scalar_type(), "rcfast_sparse_kd_reduce", [&] {
-    const scalar_t* per_task = task_losses.const_data_ptr<scalar_t>();
-    scalar_t* out = loss.mutable_data_ptr<scalar_t>();
-    double total = 0.0;
-    for (int64_t row = 0; row < batch; ++row) {
-      scalar_t row_loss = per_task[row * num_heads];
-      for (int64_t head = 1; head < num_heads; ++head) row_loss += per_task[row * num_heads + head];
-      if (reduction == 0) {
-        out[row] = row_loss;
-      } else {
-        total += static_cast<double>(row_loss);
-      }
-    }
-    if (reduction != 0) out[0] = static_cast<scalar_t>(total * grad_scale);
-  });
+  const double* per_task = task_losses.const_data_ptr<double>();
+  at::Tensor row_losses = at::empty({batch}, student.options().dtype(at::kDouble));
+  double* rows = row_losses.mutable_data_ptr<double>();
+  double total = 0.0;
+  for (int64_t row = 0; row < batch; ++row) {
+    rows[row] = 0.0;
+    for (int64_t head = 0; head < num_heads; ++head) rows[row] += per_task[row * num_heads + head];
+    total += rows[row];
+  }
+  at::Tensor loss = reduction_kind == kd::KDReduction::kNone
+                        ? row_losses.to(loss_dtype)
+                        : at::scalar_tensor(total * grad_scale, student.options().dtype(loss_dtype));
   return {loss, grad};
 }
 

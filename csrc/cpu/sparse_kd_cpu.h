@@ -16,9 +16,9 @@ namespace cpu {
 // student is contiguous [B, N] (float, double, bfloat16, half); values are
 // contiguous [B, H, k] of the student's dtype (-inf = padding); indices are
 // contiguous [B, H, k] int32 or int64 (class within the head); grad is
-// [B, N] of the student's dtype when compute_grad; task_losses is [B, H] of
-// the accumulation type (float; double for double), w_h tau_h^2 KL per
-// (row, head). head_offsets/temperatures/weights point at H + 1 / H / H values.
+// [B, N] of the student's dtype when compute_grad; task_losses is [B, H]
+// double, w_h tau_h^2 KL per (row, head) (kd_head_loss).
+// head_offsets/temperatures/weights point at H + 1 / H / H values.
 struct SparseKDCpuArgs {
   at::Tensor student;
   at::Tensor values;

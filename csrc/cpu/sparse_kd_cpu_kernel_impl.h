@@ -2,45 +2,41 @@
 // rcfast::sparse_multihead_kd_fwd (the KD loss against a top-k teacher).
 //
 // Kernel body, compiled once per CPU capability inside namespace
-// rcfast::cpu::<CPU_CAPABILITY>, in the same translation units as the dense
-// kernel (kd_cpu_kernel_{default,avx2,avx512}.cpp include this header after
-// kd_cpu_kernel_impl.h): it reuses the dense kernel's vector exp (kd_vexp2*),
-// loads/stores (KDIo), reductions, tiling constants and denormal guard, and
-// the row math of kd_math.h (NaN-propagating max, exp bases, rescaling) and
-// its -inf/NaN semantics.
+// rcfast::cpu::<CPU_CAPABILITY>, in the same objects as the dense kernel
+// (kd_cpu_kernel_{default,avx2,avx512}.cpp include it after kd_cpu_driver.h).
+// It is built on the dense kernel's pieces: the vector exp (kd_vec_exp.h),
+// loads/stores, reductions, tiling and the direct pass's limits
+// (kd_cpu_passes.h), the denormal guard (kd_cpu_driver.h), and the row math of
+// kd_math.h — its units (logits, exps 2^((u - base) c) with c = log2(e) / tau),
+// online states, and kd_head_loss, which turns a head's state into
+// w tau^2 KL with every -inf/NaN/weight-0 rule. So both kernels compute the
+// same function the same way; only where the teacher comes from differs.
 //
 // One task per (row, head), h's classes [o_h, o_h + C):
-//   student  one streaming pass over the C logits for the softmax's max and
-//            sum (the direct sweep relative to 0 when the sum allows it, else
-//            tiles with an online max, as the dense kernel), storing the exps
-//            in a per-thread cache when it fits the dense kernel's memory
-//            budget. The state is kept in base 2: exps are
-//            2^(s * scale2 - base2) with scale2 = log2(e) / tau, and base2 is
-//            the exponent actually subtracted, so the loss, the cached and the
-//            recomputed gradient and the entries' gradient all use the same
-//            normalisation (a natural-log max would differ from it by up to an
-//            ulp of s/tau * log2(e): 1e-3 relative for logits of 1e4).
-//   teacher  the k entries (contiguous values and indices), in double: max
-//            and l_t = sum exp(v/tau - m_t), gathering the student at the
-//            entries; -inf values are padding and their indices are not read;
-//            an index of a real entry outside [0, C) throws (ValueError
-//            naming teacher_indices).
-//   loss     KL = sum_j p_j (log p_j - log q_j) over the k entries, in double,
-//            each log-probability relative to its own max (entries_kl): no
-//            large terms cancel, even for logits near float's maximum.
+//   student  one streaming pass over the C logits for max and sum of exps
+//            (the direct sweep relative to 0 when its sum allows, else tiles
+//            with an online max), caching the exps per thread when the cache
+//            fits the dense kernel's memory budget;
+//   teacher  the k entries (contiguous values and indices), vectorised: max,
+//            exps, sum, and the student gathered at the entries (an index of
+//            a non-padding entry outside [0, C) throws a ValueError naming
+//            teacher_indices; a padding entry's index is not read);
+//   loss     the head's KDHeadState, its A term summed over the entries
+//            (A / l_t = sum_j p_j ((v_j - b_t) - (s_j - b_s)), relative to the
+//            maxima: no large terms cancel), then kd_head_loss;
 //   gradient coef * softmax(s/tau) over the head (cached exps, or recomputed),
-//            then overwritten at the k entries by coef * (softmax[idx] - P),
-//            computed in double and rounded once. P is the entry's p or, when
-//            an index repeats in the (row, head) (found with a per-thread
-//            bitmap over the head's classes), the sum of p over the entries
-//            sharing it, so that the gradient is always that of the loss.
+//            then at the entries coef * (q - P), computed in float and rounded
+//            once. P is the entry's p or, when an index repeats in the
+//            (row, head) (found with a per-thread bitmap of the widest head's
+//            classes), the sum of p over the entries sharing it, so that the
+//            gradient is always that of the loss computed.
 // No dense teacher exists: the kernel reads B*N student values and k entries
 // per (row, head) and writes B*N gradient values.
 #pragma once
 
 #include <ATen/ops/zeros.h>
 
-#include "kd_cpu_kernel_impl.h"
+#include "kd_cpu_driver.h"
 #include "sparse_kd_cpu.h"
 
 namespace rcfast {
@@ -48,16 +44,11 @@ namespace cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-constexpr double kLn2 = 0.6931471805599453;
-// The direct sweep (exps relative to 0) is used when its sum lies in
-// [2^-60, 2^64]: below, terms that matter were flushed (kDirectMinSum, as
-// the dense kernel); above, coef / sum would fall near float's denormals,
-// which the kernel flushes to 0 (a gradient that lost the mass of a logit
-// with s/tau just below exp's overflow: issue 8, item 1).
-constexpr double kDirectMaxSum = 18446744073709551616.0;  // 2^64
+using kd::KDSoftmaxState;
 
-// Calls body(x0, x1, j) for each block of kBlock logits of [0, n), j the
-// block's first class; the last, partial block is padded with -inf (exp 0).
+// Calls body(x0, x1, j) for each block of kBlock values of [0, n), j the
+// block's first index; the last, partial block is padded with -inf (exp 0).
+// (The dense passes' for_each_block walks two tensors at once.)
 template <typename scalar_t, typename Body>
 inline void for_each_logit_block(const scalar_t* logits, int64_t n, Body&& body) {
   using Io = KDIo<scalar_t>;
@@ -74,57 +65,32 @@ inline void for_each_logit_block(const scalar_t* logits, int64_t n, Body&& body)
   }
 }
 
-// The student's softmax normalisation in base 2: exps are
-// 2^(s * scale2 - kd_exp_base(base2)), sum is their sum. base2 = -inf: no
-// mass (yet); NaN: a NaN logit was seen.
-template <typename acc_t>
-struct Base2State {
-  acc_t base2;
-  acc_t sum;
-};
-
-// 2^(old - new) for sums relative to old, as kd_rescale_factor in base 2.
-template <typename acc_t>
-inline acc_t base2_rescale_factor(acc_t old_base, acc_t new_base) {
-  if (old_base == new_base) return acc_t(1);
-  if (old_base == kd::kd_neg_inf<acc_t>() && !kd::kd_isnan(new_base)) return acc_t(0);
-  return std::exp2(old_base - new_base);
-}
-
-// coef * 2^(from - to) / sum: turns exps relative to base `from` into
-// coef * softmax under the final state. 0 where nothing has mass.
-template <typename acc_t>
-inline acc_t base2_grad_factor(acc_t coef, acc_t from, const Base2State<acc_t>& final_state) {
-  if (final_state.base2 == kd::kd_neg_inf<acc_t>() || from == kd::kd_neg_inf<acc_t>()) return acc_t(0);
-  return coef * base2_rescale_factor(from, final_state.base2) / final_state.sum;
-}
-
-// Where the student pass leaves its exps for the gradient: 2^(s scale2 - base)
-// by class (rounded up to whole blocks) and, per kTile tile, the base they
-// are relative to. Null pointers: no cache.
+// Where the student pass leaves its exps for the gradient: 2^((u - base) c)
+// by class (rounded up to whole blocks) and, per kTile tile, the max they are
+// relative to. Null pointers: no cache.
 template <typename acc_t>
 struct StudentExpCache {
   acc_t* exps;
-  acc_t* tile_base;
+  acc_t* tile_max;
 };
 
-// Student pass in one sweep with exps relative to 0 (no max needed): valid
-// when the sum lies in [kDirectMinSum, kDirectMaxSum]; otherwise returns
-// false (large or very negative logits, NaN) and the caller runs
+// The student in one sweep with exps relative to 0 (no max needed): valid
+// when the sum lies in [kDirectMinSum, kDirectMaxSum] (kd_cpu_passes.h); else
+// false (large or very negative logits, NaN, +inf) and the caller runs
 // student_pass_online.
 template <typename scalar_t, bool kStoreExps>
-inline bool student_pass_direct(const scalar_t* logits, int64_t num_classes, typename KDAcc<scalar_t>::type scale2,
+inline bool student_pass_direct(const scalar_t* logits, int64_t num_classes, typename KDAcc<scalar_t>::type exp_scale,
                                 StudentExpCache<typename KDAcc<scalar_t>::type> cache,
-                                Base2State<typename KDAcc<scalar_t>::type>& state) {
+                                KDSoftmaxState<typename KDAcc<scalar_t>::type>& state) {
   using Io = KDIo<scalar_t>;
   using acc_t = typename Io::acc_t;
   using Vec = typename Io::Vec;
   constexpr int64_t W = Io::kWidth;
-  const Vec scale2_v(scale2);
+  const Vec exp_scale_v(exp_scale);
   Vec sum0(acc_t(0)), sum1(acc_t(0));
-  for_each_logit_block(logits, num_classes, [&](const Vec& x0, const Vec& x1, int64_t j) {
+  for_each_logit_block(logits, num_classes, [&](const Vec& u0, const Vec& u1, int64_t j) {
     prefetch_ahead<scalar_t, Io::kBlock>(logits + j);
-    const Vec e0 = kd_vexp2_product(x0, scale2_v), e1 = kd_vexp2_product(x1, scale2_v);
+    const Vec e0 = kd_vexp2_product(u0, exp_scale_v), e1 = kd_vexp2_product(u1, exp_scale_v);
     sum0 = sum0 + e0;
     sum1 = sum1 + e1;
     if constexpr (kStoreExps) {
@@ -132,56 +98,50 @@ inline bool student_pass_direct(const scalar_t* logits, int64_t num_classes, typ
       e1.store(cache.exps + j + W);
     }
   });
-  const acc_t sum = hsum(sum0 + sum1);  // NaN when a logit is NaN (kd_vexp2_product keeps it)
+  const acc_t sum = hsum(sum0 + sum1);  // NaN for a NaN logit (kd_vexp2_product keeps it)
   if (!(sum >= static_cast<acc_t>(kDirectMinSum) && sum <= static_cast<acc_t>(kDirectMaxSum))) return false;
   state = {acc_t(0), sum};
   if constexpr (kStoreExps) {
-    std::fill(cache.tile_base, cache.tile_base + (num_classes + kTile - 1) / kTile, acc_t(0));
+    std::fill(cache.tile_max, cache.tile_max + (num_classes + kTile - 1) / kTile, acc_t(0));
   }
   return true;
 }
 
-// Student pass, the general algorithm: per kTile tile, the tile's max of the
-// raw logits (NaN caught by a probe sum, as in the dense kernel) times scale2
-// merged into the running base, then the exps relative to it.
+// The student, general algorithm: per kTile tile, its max merged into the
+// running state (kd_rescale_factor), then its exps relative to it (the tile
+// is in L1 by then). A NaN logit gives a NaN exp and sum, a +inf logit a +inf
+// max and a NaN exp: both reach kd_head_loss as NaN.
 template <typename scalar_t, bool kStoreExps>
-inline Base2State<typename KDAcc<scalar_t>::type> student_pass_online(
-    const scalar_t* logits, int64_t num_classes, typename KDAcc<scalar_t>::type scale2,
+inline KDSoftmaxState<typename KDAcc<scalar_t>::type> student_pass_online(
+    const scalar_t* logits, int64_t num_classes, typename KDAcc<scalar_t>::type exp_scale,
     StudentExpCache<typename KDAcc<scalar_t>::type> cache) {
   using Io = KDIo<scalar_t>;
   using acc_t = typename Io::acc_t;
   using Vec = typename Io::Vec;
   constexpr int64_t W = Io::kWidth;
   const Vec neg_inf(kd::kd_neg_inf<acc_t>());
-  const Vec scale2_v(scale2);
-  const Vec nan_probe_scale(static_cast<acc_t>(7.888609052210118e-31));  // 2^-100
+  const Vec exp_scale_v(exp_scale);
 
-  Base2State<acc_t> state{kd::kd_neg_inf<acc_t>(), acc_t(0)};
+  KDSoftmaxState<acc_t> state{kd::kd_neg_inf<acc_t>(), acc_t(0)};
   int64_t tile = 0;
   for (int64_t j0 = 0; j0 < num_classes; j0 += kTile, ++tile) {
     const int64_t n = std::min(kTile, num_classes - j0);
-    const scalar_t* x_tile = logits + j0;
-    Vec max0 = neg_inf, max1 = neg_inf, probe(acc_t(0));
-    for_each_logit_block(x_tile, n, [&](const Vec& x0, const Vec& x1, int64_t) {
-      max0 = at::vec::clamp_min(x0, max0);
-      max1 = at::vec::clamp_min(x1, max1);
-      probe = at::vec::fmadd(x0 + x1, nan_probe_scale, probe);
+    const scalar_t* u_tile = logits + j0;
+    Vec max0 = neg_inf, max1 = neg_inf;
+    for_each_logit_block(u_tile, n, [&](const Vec& u0, const Vec& u1, int64_t) {
+      max0 = at::vec::clamp_min(u0, max0);
+      max1 = at::vec::clamp_min(u1, max1);
     });
-    // scale2 > 0, so max(s) * scale2 is the max of s * scale2 (both rounded alike).
-    acc_t tile_base = hmax(at::vec::clamp_min(max0, max1)) * scale2;
-    if (kd::kd_isnan(hsum(probe))) tile_base = std::numeric_limits<acc_t>::quiet_NaN();
-    const acc_t new_base = kd::kd_nanmax(state.base2, tile_base);
-    state.sum = kd::kd_rescale_sum(state.sum, base2_rescale_factor(state.base2, new_base));
-    state.base2 = new_base;
-    if constexpr (kStoreExps) cache.tile_base[tile] = new_base;
+    const acc_t new_max = kd::kd_nanmax(state.max, hmax(at::vec::clamp_min(max0, max1)));
+    state.sum = kd::kd_rescale_sum(state.sum, kd::kd_rescale_factor(state.max, new_max, exp_scale));
+    state.max = new_max;
+    if constexpr (kStoreExps) cache.tile_max[tile] = new_max;
 
-    // fmadd: s * scale2 - base exactly, rounded once, so exps are relative to base itself.
-    const Vec neg_base(-kd::kd_exp_base(new_base));
+    const Vec base(kd::kd_exp_base(new_max));
     Vec sum0(acc_t(0)), sum1(acc_t(0));
-    for_each_logit_block(x_tile, n, [&](const Vec& x0, const Vec& x1, int64_t j) {
-      prefetch_ahead<scalar_t, Io::kBlock>(x_tile + j);
-      const Vec e0 = kd_vexp2(at::vec::fmadd(x0, scale2_v, neg_base));
-      const Vec e1 = kd_vexp2(at::vec::fmadd(x1, scale2_v, neg_base));
+    for_each_logit_block(u_tile, n, [&](const Vec& u0, const Vec& u1, int64_t j) {
+      prefetch_ahead<scalar_t, Io::kBlock>(u_tile + j);
+      const Vec e0 = kd_vexp2((u0 - base) * exp_scale_v), e1 = kd_vexp2((u1 - base) * exp_scale_v);
       sum0 = sum0 + e0;
       sum1 = sum1 + e1;
       if constexpr (kStoreExps) {
@@ -198,8 +158,8 @@ inline Base2State<typename KDAcc<scalar_t>::type> student_pass_online(
 // multiplier per tile), or recomputed from the logits.
 template <typename scalar_t>
 inline void write_student_softmax(const scalar_t* logits, scalar_t* grad, int64_t num_classes,
-                                  typename KDAcc<scalar_t>::type scale2,
-                                  const Base2State<typename KDAcc<scalar_t>::type>& state, bool direct,
+                                  typename KDAcc<scalar_t>::type exp_scale,
+                                  const KDSoftmaxState<typename KDAcc<scalar_t>::type>& state, bool direct,
                                   typename KDAcc<scalar_t>::type coef,
                                   StudentExpCache<typename KDAcc<scalar_t>::type> cache) {
   using Io = KDIo<scalar_t>;
@@ -210,7 +170,7 @@ inline void write_student_softmax(const scalar_t* logits, scalar_t* grad, int64_
     int64_t tile = 0;
     for (int64_t j0 = 0; j0 < num_classes; j0 += kTile, ++tile) {
       const int64_t n = std::min(kTile, num_classes - j0);
-      const Vec factor(base2_grad_factor(coef, cache.tile_base[tile], state));
+      const Vec factor(kd::kd_grad_factor(coef, cache.tile_max[tile], state, exp_scale));
       for (int64_t j = 0; j < n; j += Io::kBlock) {
         const acc_t* e = cache.exps + j0 + j;
         Io::store_block(grad + j0 + j, std::min<int64_t>(Io::kBlock, n - j), Vec::loadu(e) * factor,
@@ -219,151 +179,145 @@ inline void write_student_softmax(const scalar_t* logits, scalar_t* grad, int64_
     }
     return;
   }
-  const Vec scale2_v(scale2);
-  const Vec neg_base(-kd::kd_exp_base(state.base2));
-  const Vec factor(base2_grad_factor(coef, state.base2, state));
+  const Vec exp_scale_v(exp_scale);
+  const Vec base(kd::kd_exp_base(state.max));
+  const Vec factor(kd::kd_grad_factor(coef, state.max, state, exp_scale));
   auto sweep = [&](auto exp_of) {
-    for_each_logit_block(logits, num_classes, [&](const Vec& x0, const Vec& x1, int64_t j) {
+    for_each_logit_block(logits, num_classes, [&](const Vec& u0, const Vec& u1, int64_t j) {
       prefetch_ahead<scalar_t, Io::kBlock>(logits + j);
-      Io::store_block(grad + j, std::min<int64_t>(Io::kBlock, num_classes - j), exp_of(x0) * factor,
-                      exp_of(x1) * factor);
+      Io::store_block(grad + j, std::min<int64_t>(Io::kBlock, num_classes - j), exp_of(u0) * factor,
+                      exp_of(u1) * factor);
     });
   };
   if (direct) {  // base 0: the exact-product exp, as the pass computed it
-    sweep([&](const Vec& x) { return kd_vexp2_product(x, scale2_v); });
+    sweep([&](const Vec& u) { return kd_vexp2_product(u, exp_scale_v); });
   } else {
-    sweep([&](const Vec& x) { return kd_vexp2(at::vec::fmadd(x, scale2_v, neg_base)); });
+    sweep([&](const Vec& u) { return kd_vexp2((u - base) * exp_scale_v); });
   }
 }
 
-// Largest |base2| the vector passes handle. Their exps are
-// 2^(fma(s, scale2, -base2)): the exact product minus the base, so every exp
-// of a head carries the same factor 2^d, d = s_max * scale2 - base2 (the
-// rounding error of the base), which cancels in the softmax and the sum. That
-// holds while 2^d neither overflows nor underflows: |d| <= ulp(base2) / 2,
-// at most 1 below 2^24, but 2^22 for logits of 1e30.
-constexpr double kMaxVectorBase = 16777216.0;  // 2^24
-
-// The student pass in double, one logit at a time, for the rare head whose
-// base is beyond kMaxVectorBase (|s / tau| above about 1.2e7), where s * scale2
-// is exact in double and the max element's exponent exactly 0.
-template <typename scalar_t>
-inline Base2State<double> student_pass_double(const scalar_t* logits, int64_t num_classes, double scale2) {
-  double base = kd::kd_neg_inf<double>();
-  for (int64_t j = 0; j < num_classes; ++j) base = kd::kd_nanmax(base, static_cast<double>(logits[j]) * scale2);
-  const double shift = kd::kd_exp_base(base);
-  double sum = 0;
-  for (int64_t j = 0; j < num_classes; ++j) sum += std::exp2(static_cast<double>(logits[j]) * scale2 - shift);
-  return {base, sum};
-}
-
-// coef * softmax(s/tau) from student_pass_double's state.
-template <typename scalar_t>
-inline void write_student_softmax_double(const scalar_t* logits, scalar_t* grad, int64_t num_classes, double scale2,
-                                         const Base2State<double>& state, double coef) {
-  const double factor = base2_grad_factor(coef, state.base2, state);
-  const double shift = kd::kd_exp_base(state.base2);
-  for (int64_t j = 0; j < num_classes; ++j) {
-    grad[j] = static_cast<scalar_t>(std::exp2(static_cast<double>(logits[j]) * scale2 - shift) * factor);
-  }
-}
-
-// Per-thread buffers of one task's teacher entries (double).
+// Per-thread buffers of one task's k teacher entries, each padded to whole
+// blocks with -inf values (padding), as the vector loops read them.
+template <typename acc_t>
 struct EntryScratch {
-  double* x_teacher;      // v / tau
-  double* y_student;      // s[idx] * scale2: the student's exponent, base 2
-  double* mass;           // exp(v / tau - m_t), then p
-  uint64_t* seen;         // bitmap over the widest head's classes, all zero between tasks
+  acc_t* values;   // v (the teacher's logits)
+  acc_t* student;  // s[idx], gathered (0 for padding)
+  acc_t* exps;     // 2^((v - b_t) c), later the gradient at the entry
+  uint64_t* seen;  // bitmap over the widest head's classes, all zero between tasks
 };
 
-// The teacher side of one task, in double: the max and sum of its softmax;
-// each entry's v / tau, exp(v / tau - m_t) and the student's exponent
-// s[idx] * scale2 are left in the scratch. Throws (c10::ValueError) at a real
-// entry whose index is out of range.
+// Gathers the k entries of one task into the scratch: values and the student
+// at their indices. Throws (c10::ValueError) at a non-padding entry whose
+// index is out of range; returns whether a student -inf meets a finite
+// teacher value (kd_student_inf: the KL is +inf).
 template <typename scalar_t, typename index_t>
-inline kd::KDSoftmaxState<double> teacher_pass(const scalar_t* values, const index_t* indices, const scalar_t* student,
-                                               int64_t k, int64_t num_classes, double tau, double scale2, int64_t row,
-                                               int64_t head, EntryScratch entries) {
-  constexpr double neg_inf = -std::numeric_limits<double>::infinity();
-  double max = neg_inf;
+inline bool gather_entries(const scalar_t* values, const index_t* indices, const scalar_t* student, int64_t k,
+                           int64_t padded_k, int64_t num_classes, int64_t row, int64_t head,
+                           EntryScratch<typename KDAcc<scalar_t>::type> entries) {
+  using acc_t = typename KDAcc<scalar_t>::type;
+  const acc_t neg_inf = kd::kd_neg_inf<acc_t>();
+  bool student_inf = false;
   for (int64_t j = 0; j < k; ++j) {
-    const double x = static_cast<double>(values[j]) / tau;
-    entries.x_teacher[j] = x;
-    max = kd::kd_nanmax(max, x);
-    if (x == neg_inf) continue;  // padding: its index is not read
+    const acc_t v = static_cast<acc_t>(values[j]);
+    entries.values[j] = v;
+    if (v == neg_inf) {  // padding: its index is not read
+      entries.student[j] = acc_t(0);
+      continue;
+    }
     const int64_t index = static_cast<int64_t>(indices[j]);
     TORCH_CHECK_VALUE(index >= 0 && index < num_classes, "rcfast::sparse_multihead_kd_fwd (cpu): teacher_indices[",
                       row, ", ", head, ", ", j, "] = ", index, " is out of range: head ", head, " has ",
                       num_classes, " classes (indices are within the head; pad unused entries with a teacher "
                       "value of -inf)");
-    entries.y_student[j] = static_cast<double>(student[index]) * scale2;
+    const acc_t s = static_cast<acc_t>(student[index]);
+    entries.student[j] = s;
+    student_inf |= kd::kd_student_inf(s, v);
   }
-  const double base = kd::kd_exp_base(max);
-  double sum = 0;
-  for (int64_t j = 0; j < k; ++j) {
-    const double x = entries.x_teacher[j];
-    const double e = x == neg_inf ? 0.0 : std::exp(x - base);
-    entries.mass[j] = e;
-    sum += e;
-  }
-  return {max, sum};
+  std::fill(entries.values + k, entries.values + padded_k, neg_inf);
+  std::fill(entries.student + k, entries.student + padded_k, acc_t(0));
+  return student_inf;
 }
 
-// KL(p || q) of one task, with the semantics of kd_math.h: NaN in (student
-// anywhere in the head, or a teacher value) gives NaN; a teacher of padding
-// only adds 0; a student with no mass gives +inf. Otherwise
-// sum_j p_j (log p_j - log q_j) over the entries, each log-probability taken
-// relative to its own max, so nothing large cancels (the dense kernel's
-// A / l_t - lse_t + lse_s loses all digits when one side's logits are huge).
-inline double entries_kl(const Base2State<double>& student, const kd::KDSoftmaxState<double>& teacher, int64_t k,
-                         EntryScratch entries) {
-  constexpr double neg_inf = -std::numeric_limits<double>::infinity();
-  if (kd::kd_isnan(student.base2) || kd::kd_isnan(teacher.max)) return std::numeric_limits<double>::quiet_NaN();
-  if (teacher.max == neg_inf) return 0.0;
-  if (student.base2 == neg_inf) return std::numeric_limits<double>::infinity();
-  const double log_teacher_sum = std::log(teacher.sum);
-  const double log_student_sum = std::log(student.sum);
-  double kl = 0;
-  for (int64_t j = 0; j < k; ++j) {
-    if (!(entries.mass[j] > 0)) continue;  // p = 0 adds nothing, even against a student -inf
-    const double log_p = (entries.x_teacher[j] - teacher.max) - log_teacher_sum;
-    const double log_q = (entries.y_student[j] - student.base2) * kLn2 - log_student_sum;
-    kl += entries.mass[j] / teacher.sum * (log_p - log_q);
+// The teacher's softmax state over the gathered entries, with their exps
+// 2^((v - b_t) c) left in the scratch.
+template <typename acc_t>
+inline KDSoftmaxState<acc_t> teacher_state(int64_t padded_k, acc_t exp_scale, EntryScratch<acc_t> entries) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  Vec max_v(kd::kd_neg_inf<acc_t>());
+  for (int64_t j = 0; j < padded_k; j += W) max_v = at::vec::clamp_min(Vec::loadu(entries.values + j), max_v);
+  // A NaN value may be dropped by the vector max, but its exp is NaN, and so is the sum.
+  const acc_t max = hmax(max_v);
+  const Vec base(kd::kd_exp_base(max)), exp_scale_v(exp_scale);
+  Vec sum_v(acc_t(0));
+  for (int64_t j = 0; j < padded_k; j += W) {
+    const Vec e = kd_vexp2((Vec::loadu(entries.values + j) - base) * exp_scale_v);
+    e.store(entries.exps + j);
+    sum_v = sum_v + e;
   }
-  return kl;
+  return {max, hsum(sum_v)};
 }
 
-// Overwrites the gradient at the k entries with coef * (q[idx] - P), q the
-// student's softmax in the state's own normalisation (0 when the student has
-// no mass at all), P the teacher mass at idx, in double, rounded once.
+// A of the head (kd_math.h) over the entries: sum_j e_j ((v_j - b_t) - (s_j - b_s)),
+// times kATermScale, masked to 0 where e_j = 0 (padding, underflow).
+template <typename acc_t>
+inline acc_t entries_a_term(int64_t padded_k, acc_t base_teacher, acc_t base_student, EntryScratch<acc_t> entries) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const Vec b_t(base_teacher), b_s(base_student), a_scale(static_cast<acc_t>(kd::kATermScale));
+  Vec a_v(acc_t(0));
+  for (int64_t j = 0; j < padded_k; j += W) {
+    const Vec gap = (Vec::loadu(entries.values + j) - b_t) - (Vec::loadu(entries.student + j) - b_s);
+    a_v = fmadd_where_positive(Vec::loadu(entries.exps + j), gap * a_scale, a_v);
+  }
+  return hsum(a_v);
+}
+
+// Overwrites the gradient at the entries with coef * (q - P) (q the student's
+// softmax there, computed as the head's sweep did; P the teacher mass at the
+// class), each rounded once.
 template <typename scalar_t, typename index_t>
-inline void write_entry_gradients(scalar_t* grad, const index_t* indices, int64_t k, double coef,
-                                  double student_base2, double student_sum, double teacher_sum,
-                                  EntryScratch entries) {
-  constexpr double neg_inf = -std::numeric_limits<double>::infinity();
-  const bool student_empty = student_base2 == neg_inf;
+inline void write_entry_gradients(scalar_t* grad, const index_t* indices, int64_t k, int64_t padded_k,
+                                  typename KDAcc<scalar_t>::type coef, typename KDAcc<scalar_t>::type exp_scale,
+                                  const KDSoftmaxState<typename KDAcc<scalar_t>::type>& student, bool direct,
+                                  const KDSoftmaxState<typename KDAcc<scalar_t>::type>& teacher,
+                                  EntryScratch<typename KDAcc<scalar_t>::type> entries) {
+  using acc_t = typename KDAcc<scalar_t>::type;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const acc_t neg_inf = kd::kd_neg_inf<acc_t>();
+  // q = 2^((s - b_s) c) / l_s (0 for a student with no mass), p = e / l_t.
+  const Vec exp_scale_v(exp_scale), base_s(kd::kd_exp_base(student.max));
+  const Vec q_scale(student.max == neg_inf ? acc_t(0) : coef / student.sum);
+  const Vec p_scale(coef / teacher.sum);
+  for (int64_t j = 0; j < padded_k; j += W) {
+    const Vec s = Vec::loadu(entries.student + j);
+    const Vec exp_s = direct ? kd_vexp2_product(s, exp_scale_v) : kd_vexp2((s - base_s) * exp_scale_v);
+    // Kept as coef * p for now (the repeated-index merge needs it); the gradient below.
+    const Vec coef_p = Vec::loadu(entries.exps + j) * p_scale;
+    (exp_s * q_scale).store(entries.student + j);
+    coef_p.store(entries.exps + j);
+  }
   bool repeated = false;
   for (int64_t j = 0; j < k; ++j) {
-    entries.mass[j] /= teacher_sum;  // e_j / l_t = p_j
-    if (entries.x_teacher[j] == neg_inf) continue;
+    if (entries.values[j] == neg_inf) continue;
     const uint64_t index = static_cast<uint64_t>(indices[j]);
     const uint64_t bit = uint64_t(1) << (index & 63);
     repeated |= (entries.seen[index >> 6] & bit) != 0;
     entries.seen[index >> 6] |= bit;
   }
   for (int64_t j = 0; j < k; ++j) {
-    if (entries.x_teacher[j] == neg_inf) continue;
+    if (entries.values[j] == neg_inf) continue;
     const index_t index = indices[j];
     entries.seen[static_cast<uint64_t>(index) >> 6] = 0;  // leave the bitmap clear for the next task
-    double mass = entries.mass[j];
+    acc_t coef_mass = entries.exps[j];
     if (repeated) {  // invalid input, but still the gradient of the loss computed
-      mass = 0;
+      coef_mass = 0;
       for (int64_t i = 0; i < k; ++i) {
-        if (indices[i] == index && entries.x_teacher[i] != neg_inf) mass += entries.mass[i];
+        if (indices[i] == index && entries.values[i] != neg_inf) coef_mass += entries.exps[i];
       }
     }
-    const double q = student_empty ? 0.0 : std::exp2(entries.y_student[j] - student_base2) / student_sum;
-    grad[index] = static_cast<scalar_t>(coef * (q - mass));
+    grad[index] = static_cast<scalar_t>(entries.student[j] - coef_mass);
   }
 }
 
@@ -381,14 +335,14 @@ void sparse_kd_kernel_typed(const SparseKDCpuArgs& args) {
   const scalar_t* values = args.values.const_data_ptr<scalar_t>();
   const index_t* indices = args.indices.const_data_ptr<index_t>();
   scalar_t* grad = args.compute_grad ? args.grad.mutable_data_ptr<scalar_t>() : nullptr;
-  acc_t* task_loss = args.task_losses.mutable_data_ptr<acc_t>();
+  double* task_loss = args.task_losses.mutable_data_ptr<double>();
 
   int64_t widest_head = 0;
   for (int64_t h = 0; h < num_heads; ++h) widest_head = std::max(widest_head, offsets[h + 1] - offsets[h]);
 
-  // Per-thread scratch: the student's exp cache, for heads whose cache fits
-  // the dense kernel's budget (a share of kScratchFractionOfGrad of the
-  // gradient's bytes per thread); the entries (3 k doubles); a bitmap of the
+  // Per thread: the entries (3 padded k), the student's exp cache for heads
+  // whose cache fits the dense kernel's budget (a share of
+  // kScratchFractionOfGrad of the gradient's bytes), and a bitmap of the
   // widest head's classes (repeated-index detection).
   const int64_t num_threads = std::max<int64_t>(1, at::get_num_threads());
   const double budget_elems_per_thread = kScratchFractionOfGrad * static_cast<double>(batch) * total_classes *
@@ -403,18 +357,15 @@ void sparse_kd_kernel_typed(const SparseKDCpuArgs& args) {
       }
     }
   }
-  const int64_t cache_stride = cached_limit > 0 ? round_up(cache_elems(cached_limit), 64) : 0;
-  at::Tensor cache_scratch;
-  if (cache_stride > 0) {
-    cache_scratch = at::empty({num_threads, cache_stride},
-                              args.student.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-  }
-  const int64_t entry_stride = round_up(k, 8);
-  at::Tensor entry_scratch = at::empty({num_threads, 3 * entry_stride}, args.student.options().dtype(at::kDouble));
+  const int64_t padded_k = round_up(k, Io::kBlock);
+  const int64_t entry_elems = 3 * padded_k;
+  const int64_t scratch_stride = round_up(entry_elems + (cached_limit > 0 ? cache_elems(cached_limit) : 0), 64);
+  at::Tensor scratch = at::empty({num_threads, scratch_stride},
+                                 args.student.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   const int64_t bitmap_words = args.compute_grad ? (widest_head + 63) / 64 : 1;
   at::Tensor bitmaps = at::zeros({num_threads, bitmap_words}, args.student.options().dtype(at::kLong));
-
   const double grad_scale = args.grad_scale;
+
   const int64_t num_tasks = batch * num_heads;
   const int64_t classes_per_task = std::max<int64_t>(1, total_classes / num_heads);
   const int64_t grain = std::max<int64_t>(1, kMinElementsPerChunk / (classes_per_task + 4 * k));
@@ -423,63 +374,58 @@ void sparse_kd_kernel_typed(const SparseKDCpuArgs& args) {
     const FlushDenormalsGuard flush_denormals;
     const int64_t tid = at::get_thread_num();
     TORCH_INTERNAL_ASSERT(tid >= 0 && tid < num_threads, "rcfast: thread id ", tid, " out of range");
-    double* entry_base = entry_scratch.mutable_data_ptr<double>() + tid * 3 * entry_stride;
-    const EntryScratch entries{entry_base, entry_base + entry_stride, entry_base + 2 * entry_stride,
-                               reinterpret_cast<uint64_t*>(bitmaps.mutable_data_ptr<int64_t>()) + tid * bitmap_words};
-    acc_t* cache_base = cache_stride > 0 ? cache_scratch.mutable_data_ptr<acc_t>() + tid * cache_stride : nullptr;
+    acc_t* thread_scratch = scratch.mutable_data_ptr<acc_t>() + tid * scratch_stride;
+    const EntryScratch<acc_t> entries{thread_scratch, thread_scratch + padded_k, thread_scratch + 2 * padded_k,
+                                      reinterpret_cast<uint64_t*>(bitmaps.mutable_data_ptr<int64_t>()) +
+                                          tid * bitmap_words};
+    acc_t* cache_base = thread_scratch + entry_elems;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row = task / num_heads;
       const int64_t head = task - row * num_heads;
       const int64_t first = offsets[head];
       const int64_t classes = offsets[head + 1] - first;
-      const acc_t tau = static_cast<acc_t>(args.temperatures[head]);
-      const acc_t weight = static_cast<acc_t>(args.weights[head]);
-      const acc_t scale2 = static_cast<acc_t>(1.4426950408889634) / tau;  // exps in base 2
+      const double tau = args.temperatures[head];
+      const double weight = args.weights[head];
+      const acc_t exp_scale = static_cast<acc_t>(kd::kLog2e / tau);
+      const acc_t coef = static_cast<acc_t>(grad_scale * weight * tau);
       const scalar_t* s = student + row * total_classes + first;
 
-      const kd::KDSoftmaxState<double> teacher = teacher_pass<scalar_t, index_t>(
-          values + task * k, indices + task * k, s, k, classes, tau, scale2, row, head, entries);
+      KDHeadState<acc_t> state = kd::kd_head_state_init<acc_t>();
+      state.student_inf = gather_entries<scalar_t, index_t>(values + task * k, indices + task * k, s, k, padded_k,
+                                                            classes, row, head, entries)
+                              ? acc_t(1)
+                              : acc_t(0);
+      state.teacher = teacher_state(padded_k, exp_scale, entries);
 
       StudentExpCache<acc_t> cache{nullptr, nullptr};
       if (grad != nullptr && classes <= cached_limit) cache = {cache_base, cache_base + round_up(classes, Io::kBlock)};
-      Base2State<acc_t> student_state;
-      bool direct;
+      // As the dense driver: the direct sweep is exact relative to the max only
+      // for 2+ classes (a 1-class head has exactly 2^0 = 1: KL and gradient 0),
+      // and its gradient multiplier needs coef >= 2^-60.
+      const bool try_direct = classes >= 2 && (grad == nullptr || std::abs(coef) >= acc_t(kDirectMinCoef));
+      bool direct = false;
       if (cache.exps != nullptr) {
-        direct = student_pass_direct<scalar_t, true>(s, classes, scale2, cache, student_state);
-        if (!direct) student_state = student_pass_online<scalar_t, true>(s, classes, scale2, cache);
+        direct = try_direct && student_pass_direct<scalar_t, true>(s, classes, exp_scale, cache, state.student);
+        if (!direct) state.student = student_pass_online<scalar_t, true>(s, classes, exp_scale, cache);
       } else {
-        direct = student_pass_direct<scalar_t, false>(s, classes, scale2, cache, student_state);
-        if (!direct) student_state = student_pass_online<scalar_t, false>(s, classes, scale2, cache);
+        direct = try_direct && student_pass_direct<scalar_t, false>(s, classes, exp_scale, cache, state.student);
+        if (!direct) state.student = student_pass_online<scalar_t, false>(s, classes, exp_scale, cache);
       }
-      // Logits too large for the float exps (see kMaxVectorBase): the same pass in double.
-      const bool needs_double = student_state.base2 == std::numeric_limits<acc_t>::infinity() ||
-                              (std::isfinite(student_state.base2) &&
-                               std::abs(static_cast<double>(student_state.base2)) >= kMaxVectorBase);
-      const Base2State<double> student64 =
-          needs_double ? student_pass_double(s, classes, static_cast<double>(scale2))
-                     : Base2State<double>{static_cast<double>(student_state.base2), static_cast<double>(student_state.sum)};
-      double kl = entries_kl(student64, teacher, k, entries);
-      // A 1-class head: both softmaxes are exactly 1, so KL and gradient are
-      // exactly 0 (the formula would leave the rounding of exp and log).
-      const bool one_class = classes == 1 && std::isfinite(kl);
-      if (one_class) kl = 0.0;
-      task_loss[task] = static_cast<acc_t>(static_cast<double>(weight) * tau * tau * kl);
+      state.a_term = entries_a_term(padded_k, kd::kd_exp_base(state.teacher.max), kd::kd_exp_base(state.student.max),
+                                    entries);
+      const double loss = kd::kd_head_loss(state, tau, weight);
+      task_loss[task] = loss;
 
       if (grad == nullptr) continue;
       scalar_t* g = grad + row * total_classes + first;
-      const acc_t coef = static_cast<acc_t>(grad_scale * weight * tau);
-      if (kd::kd_isnan(kl)) {
-        fill_head(g, classes, std::numeric_limits<acc_t>::quiet_NaN());  // NaN in, NaN out
-      } else if (one_class || teacher.max == -std::numeric_limits<double>::infinity()) {
-        fill_head(g, classes, acc_t(0));  // no loss to move (padding only, or one class)
+      if (kd::kd_isnan(loss)) {
+        fill_head(g, classes, std::numeric_limits<double>::quiet_NaN());  // NaN in, NaN out
+      } else if (state.teacher.max == kd::kd_neg_inf<acc_t>() || weight == 0.0) {
+        fill_head(g, classes, 0.0);  // padding only, or a switched-off head: no gradient
       } else {
-        if (needs_double) {
-          write_student_softmax_double(s, g, classes, static_cast<double>(scale2), student64, static_cast<double>(coef));
-        } else {
-          write_student_softmax<scalar_t>(s, g, classes, scale2, student_state, direct, coef, cache);
-        }
-        write_entry_gradients<scalar_t, index_t>(g, indices + task * k, k, static_cast<double>(coef), student64.base2,
-                                                 student64.sum, teacher.sum, entries);
+        write_student_softmax<scalar_t>(s, g, classes, exp_scale, state.student, direct, coef, cache);
+        write_entry_gradients<scalar_t, index_t>(g, indices + task * k, k, padded_k, coef, exp_scale, state.student,
+                                                 direct, state.teacher, entries);
       }
     }
   });

@@ -1,17 +1,17 @@
 // sparse_kd_cuda.cu — the CUDA kernel of the multi-head KD loss against a
 // top-k teacher (rcfast::sparse_multihead_kd_fwd). No torch headers.
 //
-// One thread block per (row, head):
+// One thread block per (row, head), on kd_math.h's math and units (logits,
+// exps 2^((u - max) c) with c = log2(e) / tau):
 //   pass 1  threads stride over the head's C student logits and over the k
-//           teacher entries, each keeping an online (max, sum-exp) state per
-//           side; the states are merged across warps (shuffles) and the block
-//           (shared memory). Exps are taken in logit units, 2^((u - max) c)
-//           with c = log2(e) / tau: u - max is exact near the max, so huge
-//           logits and tiny temperatures keep their accuracy.
-//   loss    KL = sum_j p_j (log p_j - log q_j) over the entries (gathering the
-//           student at their indices), each log-probability relative to its
-//           own max, so nothing large cancels; block-summed, then thread 0
-//           applies the -inf/NaN rules of csrc/kd_math.h and writes the loss.
+//           teacher entries, each keeping an online softmax state per side;
+//           the states are merged across warps (shuffles) and the block
+//           (shared memory).
+//   loss    A = sum_j e_j ((v_j - b_t) - (s_j - b_s)) over the entries
+//           (gathering the student at their indices), relative to the final
+//           maxima, and the +inf flag (a student -inf at a finite value),
+//           block-summed into the head's KDHeadState; kd_head_loss applies
+//           every -inf/NaN/weight-0 rule, as in the dense kernels.
 //   grad    (when a buffer is given) coef * softmax(s/tau) over the head, a
 //           barrier, then at the entries coef * (q - P), P the mass of the
 //           entries sharing the index (repeated indices, which only
@@ -31,8 +31,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -47,39 +45,30 @@ __device__ __forceinline__ __half from_float<__half>(float x) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
-// Online softmax state of raw logits u: max (NaN-propagating) and
-// sum = sum 2^((u - kd_exp_base(max)) c).
-struct OnlineState {
-  float max;
-  float sum;
-};
+using kd::KDHeadState;
+using kd::KDSoftmaxState;
 
-__device__ __forceinline__ OnlineState empty_state() { return {kd::kd_neg_inf<float>(), 0.0f}; }
-
-// sum relative to old_max, brought to new_max >= old_max; 0 for an empty
-// state, and 0 (even for an infinite sum) when the factor underflows.
-__device__ __forceinline__ float rebased_sum(float sum, float old_max, float new_max, float c) {
-  if (old_max == new_max) return sum;
-  if (old_max == kd::kd_neg_inf<float>() && !kd::kd_isnan(new_max)) return 0.0f;
-  const float factor = exp2f((old_max - new_max) * c);
-  return factor == 0.0f ? 0.0f : sum * factor;
-}
-
-__device__ __forceinline__ void merge(OnlineState& into, const OnlineState& other, float c) {
+// Brings `into` to the max of both and adds `other`'s sum (kd_math.h's rescaling).
+__device__ __forceinline__ void merge(KDSoftmaxState<float>& into, const KDSoftmaxState<float>& other, float c) {
   const float new_max = kd::kd_nanmax(into.max, other.max);
-  into.sum = rebased_sum(into.sum, into.max, new_max, c) + rebased_sum(other.sum, other.max, new_max, c);
+  into.sum = kd::kd_rescale_sum(into.sum, kd::kd_rescale_factor(into.max, new_max, c)) +
+             kd::kd_rescale_sum(other.sum, kd::kd_rescale_factor(other.max, new_max, c));
   into.max = new_max;
 }
 
-__device__ __forceinline__ void add(OnlineState& state, float u, float c) {
-  if (u == kd::kd_neg_inf<float>()) return;  // exp 0: nothing to add
-  merge(state, OnlineState{u, 1.0f}, c);     // 2^((u - u) c) = 1
+// Adds one logit: 2^((u - base) c) with the moved base. A +inf logit gives
+// 2^(inf - inf) = NaN, a NaN logit NaN: both reach kd_head_loss as NaN.
+__device__ __forceinline__ void add(KDSoftmaxState<float>& state, float u, float c) {
+  const float new_max = kd::kd_nanmax(state.max, u);
+  state.sum = kd::kd_rescale_sum(state.sum, kd::kd_rescale_factor(state.max, new_max, c));
+  state.max = new_max;
+  state.sum += exp2f((u - kd::kd_exp_base(new_max)) * c);
 }
 
 // Block-wide merge; every thread gets the result. `scratch` holds kWarps states.
-__device__ OnlineState block_merge(OnlineState state, float c, OnlineState* scratch) {
+__device__ KDSoftmaxState<float> block_merge(KDSoftmaxState<float> state, float c, KDSoftmaxState<float>* scratch) {
   for (int delta = 16; delta > 0; delta >>= 1) {
-    const OnlineState other{__shfl_down_sync(0xffffffffu, state.max, delta),
+    const KDSoftmaxState<float> other{__shfl_down_sync(0xffffffffu, state.max, delta),
                             __shfl_down_sync(0xffffffffu, state.sum, delta)};
     merge(state, other, c);
   }
@@ -88,7 +77,7 @@ __device__ OnlineState block_merge(OnlineState state, float c, OnlineState* scra
   __syncthreads();  // scratch may still be read by a previous call
   if (lane == 0) scratch[warp] = state;
   __syncthreads();
-  OnlineState total = scratch[0];
+  KDSoftmaxState<float> total = scratch[0];
   for (int w = 1; w < kWarps; ++w) merge(total, scratch[w], c);
   return total;
 }
@@ -111,7 +100,7 @@ __global__ void __launch_bounds__(kThreads)
                              float* __restrict__ head_loss, const int64_t* __restrict__ head_offsets,
                              const float* __restrict__ temperatures, const float* __restrict__ weights,
                              int64_t num_cols, int64_t num_heads, int64_t k, float grad_scale) {
-  __shared__ OnlineState state_scratch[kWarps];
+  __shared__ KDSoftmaxState<float> state_scratch[kWarps];
   __shared__ float sum_scratch[kWarps];
 
   const int64_t row = blockIdx.x;
@@ -120,7 +109,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t classes = head_offsets[head + 1] - begin;
   const float tau = temperatures[head];
   const float weight = weights[head];
-  const float c = kLog2e / tau;
+  const float c = static_cast<float>(kd::kLog2e) / tau;
   const scalar_t* s_head = student + row * num_cols + begin;
   const int64_t entries = (row * num_heads + head) * k;
   const scalar_t* v_row = values + entries;
@@ -128,64 +117,54 @@ __global__ void __launch_bounds__(kThreads)
   const float neg_inf = kd::kd_neg_inf<float>();
 
   // Pass 1: both softmax states, and the count of bad indices.
-  OnlineState s_state = empty_state();
-  for (int64_t col = threadIdx.x; col < classes; col += kThreads) add(s_state, to_float(s_head[col]), c);
-  OnlineState t_state = empty_state();
+  KDHeadState<float> state = kd::kd_head_state_init<float>();
+  for (int64_t col = threadIdx.x; col < classes; col += kThreads) add(state.student, to_float(s_head[col]), c);
   float bad = 0.0f;
   for (int64_t j = threadIdx.x; j < k; j += kThreads) {
     const float v = to_float(v_row[j]);
     const int64_t index = static_cast<int64_t>(i_row[j]);
     if (v != neg_inf && (index < 0 || index >= classes)) bad += 1.0f;
-    add(t_state, v, c);
+    add(state.teacher, v, c);
   }
-  s_state = block_merge(s_state, c, state_scratch);
-  t_state = block_merge(t_state, c, state_scratch);
+  state.student = block_merge(state.student, c, state_scratch);
+  state.teacher = block_merge(state.teacher, c, state_scratch);
   const bool any_bad = block_sum(bad, sum_scratch) > 0.0f;
 
-  // KL over the entries, in log2 units: log2 p = (v - b_t) c - log2 l_t.
-  const float base_s = kd::kd_exp_base(s_state.max);
-  const float base_t = kd::kd_exp_base(t_state.max);
-  const float log2_ls = s_state.sum > 0.0f ? log2f(s_state.sum) : 0.0f;  // no mass: q = 0 below
-  const float log2_lt = t_state.sum > 0.0f ? log2f(t_state.sum) : 0.0f;
-  const bool student_empty = s_state.max == neg_inf;
-  float kl_part = 0.0f;
+  // A (kd_math.h) over the entries, relative to the final maxima, and whether a
+  // student -inf meets a finite value (the KL is +inf).
+  const float base_s = kd::kd_exp_base(state.student.max);
+  const float base_t = kd::kd_exp_base(state.teacher.max);
+  float a_part = 0.0f, inf_part = 0.0f;
   for (int64_t j = threadIdx.x; j < k; j += kThreads) {
     const float v = to_float(v_row[j]);
     const int64_t index = static_cast<int64_t>(i_row[j]);
     if (v == neg_inf || index < 0 || index >= classes) continue;
-    const float log2_p = (v - base_t) * c - log2_lt;
-    const float p = exp2f(log2_p);
-    if (p == 0.0f) continue;  // no mass, no term (even against a student -inf)
-    const float log2_q = (to_float(s_head[index]) - base_s) * c - log2_ls;
-    kl_part += p * (log2_p - log2_q);
+    const float u = to_float(s_head[index]);
+    const float v_t = v - base_t;
+    a_part += kd::kd_a_term(exp2f(v_t * c), v_t - (u - base_s));
+    if (kd::kd_student_inf(u, v)) inf_part = 1.0f;
   }
-  float kl = block_sum(kl_part, sum_scratch) * kLn2;
-  if (kd::kd_isnan(s_state.max) || kd::kd_isnan(s_state.sum) || kd::kd_isnan(t_state.max) ||
-      kd::kd_isnan(t_state.sum) || any_bad) {
-    kl = nanf("");  // NaN in, NaN out; a bad index, NaN too
-  } else if (t_state.max == neg_inf) {
-    kl = 0.0f;  // padding only: no distribution to match
-  } else if (student_empty) {
-    kl = INFINITY;
-  }
-  if (threadIdx.x == 0) head_loss[row * num_heads + head] = weight * tau * tau * kl;
+  state.a_term = block_sum(a_part, sum_scratch);
+  state.student_inf = block_sum(inf_part, sum_scratch) > 0.0f ? 1.0f : 0.0f;
+  const double loss = any_bad ? static_cast<double>(nanf("")) : kd::kd_head_loss(state, tau, weight);
+  if (threadIdx.x == 0) head_loss[row * num_heads + head] = static_cast<float>(loss);
   if (grad == nullptr) return;  // uniform across the block
 
-  // Pass 2: coef * softmax over the head, then the entries.
-  const float coef = grad_scale * weight * tau;
+  // Pass 2: coef * softmax over the head, then the entries. NaN in, NaN out; no
+  // gradient for padding only or weight 0.
   scalar_t* g_head = grad + row * num_cols + begin;
-  const bool nan_head = kd::kd_isnan(kl);
-  const bool no_teacher = t_state.max == neg_inf;
-  for (int64_t col = threadIdx.x; col < classes; col += kThreads) {
-    float g = 0.0f;
-    if (nan_head) {
-      g = nanf("");
-    } else if (!no_teacher && !student_empty) {
-      g = coef * exp2f((to_float(s_head[col]) - base_s) * c - log2_ls);
-    }
-    g_head[col] = from_float<scalar_t>(g);
+  const bool nan_head = kd::kd_isnan(loss);
+  if (nan_head || state.teacher.max == neg_inf || weight == 0.0f) {
+    const float fill = nan_head ? nanf("") : 0.0f;
+    for (int64_t col = threadIdx.x; col < classes; col += kThreads) g_head[col] = from_float<scalar_t>(fill);
+    return;
   }
-  if (nan_head || no_teacher) return;
+  const float coef = grad_scale * weight * tau;
+  const float log2_ls = kd::kd_log2_sum(state.student);  // a student with no mass: q = 0
+  const float log2_lt = kd::kd_log2_sum(state.teacher);
+  for (int64_t col = threadIdx.x; col < classes; col += kThreads) {
+    g_head[col] = from_float<scalar_t>(coef * exp2f((to_float(s_head[col]) - base_s) * c - log2_ls));
+  }
   __syncthreads();  // the entries' addresses were written by other threads
   for (int64_t j = threadIdx.x; j < k; j += kThreads) {
     const float v = to_float(v_row[j]);
@@ -196,7 +175,7 @@ __global__ void __launch_bounds__(kThreads)
       const float v_i = to_float(v_row[i]);
       if (i_row[i] == index && v_i != neg_inf) mass += exp2f((v_i - base_t) * c - log2_lt);
     }
-    const float q = student_empty ? 0.0f : exp2f((to_float(s_head[index]) - base_s) * c - log2_ls);
+    const float q = exp2f((to_float(s_head[index]) - base_s) * c - log2_ls);
     g_head[index] = from_float<scalar_t>(coef * (q - mass));
   }
 }

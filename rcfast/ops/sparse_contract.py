@@ -29,27 +29,29 @@ Inputs (prepared by :mod:`rcfast.ops.sparse_kd`):
 Outputs: as in :mod:`rcfast.ops.kernel_contract`: ``loss`` (float32; float64
 for float64 inputs), and ``grad``, the gradient of the loss for an incoming
 gradient of 1, ``scale * w_h * tau_h * (softmax(s_h / tau_h) - scatter(p_h))``
-in the student's dtype (empty ``[0]`` without ``compute_grad``).
+in the student's dtype (empty ``[0]`` without ``compute_grad``). Every
+non-finite input follows :mod:`rcfast.ops.sparse_reference`, i.e. the dense
+op's rules.
 
-Autograd: the backward multiplies ``grad`` by the incoming gradient (handing
-the buffer itself over, with no copy, when that is safe: plain CPU eager, an
-incoming gradient of exactly 1, and a graph that is not kept for another
-backward). It is itself differentiable: a gradient arriving at the ``grad``
-output (double backward: gradient penalties, meta-learning) gets the
-Hessian-vector product of the softened KL,
-``scale * w_h * (q * v - q * <q, v>_head)`` with ``q = softmax(s_h / tau_h)``,
-where ``q`` is recovered from the saved buffer as ``grad / coef + scatter(p)``
-(nothing else is saved beyond the small teacher tensors).
+Autograd is the shared one of fused losses
+(:class:`rcfast.ops.kernel_contract.FusedLossAutograd`): the backward scales
+the gradient buffer (handing it over without a copy only when safe), and a
+double backward gets the Hessian-vector product of the softened KL. That
+product depends on the teacher only through which heads have no teacher
+distribution or a NaN, so the dense op's formula serves, given the dense
+teacher the entries stand for.
 """
 from __future__ import annotations
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from rcfast.ops.kernel_contract import REDUCTION_CODES
-from rcfast.ops.sparse_reference import sparse_teacher_log_probs
+from rcfast.ops.kernel_contract import (
+    REDUCTION_CODES, FusedLossAutograd, dense_kd_hessian_vector_product, register_fused_loss,
+)
+from rcfast.ops.sparse_reference import sparse_teacher_to_dense
 
-__all__ = ["SPARSE_OP_SCHEMA", "INDEX_DTYPES", "fake_sparse_kernel", "register_sparse_op_meta"]
+__all__ = ["SPARSE_OP_SCHEMA", "INDEX_DTYPES", "fake_sparse_kernel", "sparse_kd_hessian_vector_product",
+           "register_sparse_op_meta"]
 
 SPARSE_OP_SCHEMA = (
     "(Tensor student, Tensor teacher_values, Tensor teacher_indices, Tensor head_offsets, "
@@ -57,12 +59,6 @@ SPARSE_OP_SCHEMA = (
 )
 
 INDEX_DTYPES = (torch.int32, torch.int64)
-
-_NUM_INPUTS = 8
-
-
-def _loss_dtype(student_dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if student_dtype == torch.float64 else torch.float32
 
 
 def fake_sparse_kernel(student, teacher_values, teacher_indices, head_offsets, temperatures, weights,
@@ -78,7 +74,7 @@ def fake_sparse_kernel(student, teacher_values, teacher_indices, head_offsets, t
     torch._check(teacher_values.shape[1] == num_heads, lambda: "teacher_values needs one slice per head")
     torch._check(temperatures.shape[0] == num_heads, lambda: "one temperature per head")
     torch._check(weights.shape[0] == num_heads, lambda: "one weight per head")
-    loss_dtype = _loss_dtype(student.dtype)
+    loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
     if reduction == REDUCTION_CODES["none"]:
         loss = student.new_empty((student.shape[0],), dtype=loss_dtype)
     else:
@@ -87,111 +83,23 @@ def fake_sparse_kernel(student, teacher_values, teacher_indices, head_offsets, t
     return loss, grad
 
 
-def _setup_context(ctx, inputs, output):
-    _, teacher_values, teacher_indices, head_offsets, temperatures, weights, reduction, _ = inputs
-    _, grad = output
-    # The gradient buffer, and what a double backward needs besides it (all small).
-    ctx.save_for_backward(grad, teacher_values, teacher_indices, head_offsets, temperatures, weights)
-    ctx.reduction = reduction
-    # The gradient buffer output rarely receives a gradient; without this,
-    # autograd would allocate and zero a [B, N] tensor for it on every backward.
-    ctx.set_materialize_grads(False)
+def sparse_kd_hessian_vector_product(inputs, vectors):
+    """``J_grad^T v`` of the sparse op: the dense op's, with the dense teacher the
+    entries stand for (only its masked and NaN heads matter there)."""
+    student, teacher_values, teacher_indices, head_offsets, temperatures, weights, reduction, compute_grad = inputs
+    if vectors[0] is None:
+        return (None,)
+    teacher = sparse_teacher_to_dense(teacher_values, teacher_indices, head_offsets, student.shape[1])
+    return dense_kd_hessian_vector_product(
+        (student, teacher, head_offsets, temperatures, weights, reduction, compute_grad), vectors)
 
 
-def _hand_over_is_safe(grad_loss: torch.Tensor) -> bool:
-    """Whether the saved gradient buffer may be returned as the student's gradient.
-
-    Only in plain CPU eager (reading the incoming gradient's value is free
-    there, a host sync on a GPU and impossible under tracing), for an incoming
-    gradient of exactly 1, outside a double backward, and when the graph is
-    not kept: with ``retain_graph=True`` autograd would accumulate the next
-    backward's gradient into the very buffer this node hands out again.
-    """
-    return (
-        type(grad_loss) is torch.Tensor
-        and grad_loss.device.type == "cpu"
-        and not torch.compiler.is_compiling()
-        and _get_current_dispatch_mode() is None
-        and not torch.is_grad_enabled()
-        and not torch._C._autograd._get_current_graph_task_keep_graph()
-        and grad_loss.item() == 1.0
-    )
-
-
-def _scaled_by_reduction(per_head: torch.Tensor, reduction: int, batch, num_heads) -> torch.Tensor:
-    """``per_head`` times the reduction's scale (1; 1/B for batchmean; 1/(B*H) for mean).
-
-    Tensor ops on the (possibly symbolic) sizes: no Python float is made of them,
-    so the formula traces under torch.compile with dynamic shapes.
-    """
-    if reduction == REDUCTION_CODES["batchmean"]:
-        return per_head / batch
-    if reduction == REDUCTION_CODES["mean"]:
-        return per_head / (batch * num_heads)
-    return per_head
-
-
-def _column_heads(head_offsets: torch.Tensor, num_cols: int) -> torch.Tensor:
-    """``[N]`` int64: the head of every packed column."""
-    columns = torch.arange(num_cols, device=head_offsets.device)
-    return torch.searchsorted(head_offsets[1:], columns, right=True)
-
-
-def _hessian_vector_product(grad, vector, teacher_values, teacher_indices, head_offsets, temperatures,
-                            weights, reduction):
-    """``d<grad, vector>/d student``: ``scale * w_h * (q * v - q * <q, v>_head)`` per head.
-
-    ``q = softmax(s_h / tau_h)`` is recovered from the gradient buffer,
-    ``grad = coef_h * (q - scatter(p))`` with ``coef_h = scale * w_h * tau_h``. A
-    head with ``w_h = 0`` has no Hessian (and no ``q`` to recover). Built from
-    differentiable torch ops on ``grad`` (an output of the op), so higher
-    derivatives come back through the op again.
-    """
-    batch, num_cols = grad.shape
-    num_heads = head_offsets.shape[0] - 1
-    compute_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    column_head = _column_heads(head_offsets, num_cols)
-    curvature = _scaled_by_reduction(weights.to(compute_dtype), reduction, batch, num_heads)  # scale * w_h
-    coef = curvature * temperatures.to(compute_dtype)                       # scale * w_h * tau_h
-    safe_coef = torch.where(coef == 0, torch.ones_like(coef), coef)
-
-    # scatter(p): the teacher's probabilities on the packed columns.
-    scaled = teacher_values.detach().to(compute_dtype) / temperatures.to(compute_dtype).view(1, -1, 1)
-    log_p, _ = sparse_teacher_log_probs(scaled)
-    p = log_p.exp()
-    is_entry = p != 0
-    columns = head_offsets[:-1].view(1, -1, 1) + torch.where(is_entry, teacher_indices.to(torch.int64), 0)
-    p_dense = torch.zeros((batch, num_cols), dtype=compute_dtype, device=grad.device)
-    p_dense = p_dense.scatter_add(1, columns.reshape(batch, -1), torch.where(is_entry, p, 0).reshape(batch, -1))
-
-    q = grad.to(compute_dtype) / safe_coef[column_head] + p_dense
-    v = vector.to(compute_dtype)
-    qv = q * v
-    head_dot = torch.zeros((batch, num_heads), dtype=compute_dtype, device=grad.device)
-    head_dot = head_dot.index_add(1, column_head, qv)
-    hvp = curvature[column_head] * (qv - q * head_dot[:, column_head])
-    return hvp.to(grad.dtype)
-
-
-def _backward(ctx, grad_loss, grad_of_grad):
-    grad, teacher_values, teacher_indices, head_offsets, temperatures, weights = ctx.saved_tensors
-    grad_student = None
-    if grad_loss is not None:
-        if grad.numel() == 0 and grad_loss.numel() != 0:
-            raise RuntimeError(
-                "rcfast: the sparse KD loss was computed without its gradient (compute_grad=False) "
-                "but a backward pass reached it")
-        if grad_loss.dim() == 0:
-            # loss.backward() on the reduced loss (the common case): the kernel wrote
-            # the final gradient already; hand it over when no one will read it again.
-            grad_student = grad if _hand_over_is_safe(grad_loss) else grad * grad_loss.to(grad.dtype)
-        else:
-            grad_student = grad * grad_loss.to(grad.dtype).unsqueeze(1)
-    if grad_of_grad is not None:
-        hvp = _hessian_vector_product(grad, grad_of_grad, teacher_values, teacher_indices, head_offsets,
-                                      temperatures, weights, ctx.reduction)
-        grad_student = hvp if grad_student is None else grad_student + hvp
-    return (grad_student,) + (None,) * (_NUM_INPUTS - 1)
+SPARSE_KD_AUTOGRAD = FusedLossAutograd(
+    num_inputs=8,
+    grad_inputs=(0,),
+    hessian_vector_product=sparse_kd_hessian_vector_product,
+    rowwise_loss=lambda inputs: inputs[6] == REDUCTION_CODES["none"],
+)
 
 
 def register_sparse_op_meta(qualname: str, *, register_fake: bool = True) -> None:
@@ -200,6 +108,4 @@ def register_sparse_op_meta(qualname: str, *, register_fake: bool = True) -> Non
     ``register_fake`` is False for ops built with ``torch.library.triton_op``
     that torch.compile traces through.
     """
-    if register_fake:
-        torch.library.register_fake(qualname)(fake_sparse_kernel)
-    torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
+    register_fused_loss(qualname, SPARSE_KD_AUTOGRAD, fake=fake_sparse_kernel if register_fake else None)

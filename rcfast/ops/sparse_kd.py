@@ -9,7 +9,6 @@ or built: this is what the teacher cache stores.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -17,19 +16,13 @@ import torch
 from rcfast.ops.backends import (
     _assume_constant_result, _try_import, _warn_fallback_once, resolve_backend, unavailable_reason,
 )
-from rcfast.ops.kernel_contract import REDUCTION_CODES
-from rcfast.ops.multihead_kd import SUPPORTED_DTYPES
+from rcfast.ops.kernel_contract import REDUCTION_CODES, check_temperature
+from rcfast.ops.multihead_kd import SUPPORTED_DTYPES, _check_weights, _head_tables, _per_head
 from rcfast.ops.reference import reduce_row_losses
 from rcfast.ops.sparse_contract import INDEX_DTYPES
 from rcfast.ops.sparse_reference import check_sparse_teacher, sparse_reference_row_losses
 
-__all__ = ["sparse_multihead_kd_loss", "sparse_unavailable_reason", "sparse_kernel_op", "TEMPERATURE_RANGE"]
-
-# The temperatures every backend computes right (tests/test_sparse_kd.py sweeps
-# them against float64): below, logits / tau of ordinary logits leave float32's
-# useful range of exp and log-sum-exp; above, the softened distributions are
-# uniform to float32 precision and tau**2 * KL is rounding noise.
-TEMPERATURE_RANGE = (1e-3, 1e4)
+__all__ = ["sparse_multihead_kd_loss", "sparse_unavailable_reason", "sparse_kernel_op"]
 
 # The module that registers each fused backend's sparse op, and the op's name.
 _SPARSE_OPS = {
@@ -109,43 +102,6 @@ def _head_sizes(splits, num_cols: int) -> tuple[int, ...]:
     return head_sizes
 
 
-def _per_head(name: str, value, num_heads: int, default: float) -> tuple:
-    """One number per head from a number, a sequence of them, or None (``default``)."""
-    if value is None:
-        return (default,) * num_heads
-    if isinstance(value, torch.Tensor) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a float or a list of floats, not a {type(value).__name__}")
-    if isinstance(value, (int, float, torch.SymInt, torch.SymFloat)):
-        return (value,) * num_heads
-    values = tuple(value)
-    if not all(isinstance(v, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(v, bool)
-               for v in values):
-        raise TypeError(f"{name} must be a float or a list of floats, got {value!r}")
-    if len(values) != num_heads:
-        raise ValueError(f"{name} needs one value per head ({num_heads}), got {len(values)}")
-    return values
-
-
-def _check_per_head(temperatures, weights) -> None:
-    # Comparisons only (no math.isfinite): under torch.compile a float argument
-    # may be symbolic, and comparisons trace (as guards) where isfinite breaks
-    # the graph. NaN fails every comparison.
-    low, high = TEMPERATURE_RANGE
-    for tau in temperatures:
-        if not low <= tau <= high:
-            raise ValueError(f"temperature {tau} is outside the supported range [{low}, {high}]")
-    for weight in weights:
-        if not -math.inf < weight < math.inf:
-            raise ValueError(f"weights must be finite, got {weight}")
-
-
-def _head_offsets(head_sizes: tuple[int, ...]) -> tuple[int, ...]:
-    offsets = [0]
-    for size in head_sizes:
-        offsets.append(offsets[-1] + size)
-    return tuple(offsets)
-
-
 def sparse_multihead_kd_loss(
     student: torch.Tensor,
     teacher_values: torch.Tensor,
@@ -175,8 +131,9 @@ def sparse_multihead_kd_loss(
         teacher_indices: ``[B, H, k]`` int32 or int64: each entry's class within
             its head, ``0 <= idx < C_h``, distinct within a (row, head).
         splits: head sizes ``[C_1, ..., C_H]`` (default: one head).
-        temperature: one float for all heads or one per head, within
-            :data:`TEMPERATURE_RANGE` (``[1e-3, 1e4]``).
+        temperature: one float for all heads or one per head, within the
+            dense op's supported range ``[1e-6, 100]`` (``MIN_TEMPERATURE`` /
+            ``MAX_TEMPERATURE`` of :mod:`rcfast.ops.kernel_contract`).
         weights: one weight per head (default all 1).
         reduction: ``"batchmean"`` (default), ``"sum"``, ``"mean"`` (sum / (B*H))
             or ``"none"`` (a ``[B]`` tensor).
@@ -190,8 +147,11 @@ def sparse_multihead_kd_loss(
 
     Returns:
         A float32 loss (float64 for float64 students); the student's gradient has
-        the student's dtype. A student ``-inf`` at a teacher entry with mass gives
-        ``+inf``; NaN in (student head or teacher entry) gives NaN out.
+        the student's dtype and is differentiable (double backward works). The
+        rules for non-finite values are the dense op's: padding adds nothing; a
+        student ``-inf`` at a non-padding entry gives ``+inf``; NaN (or ``+inf``)
+        in a student head or a teacher value gives NaN for that head; a head of
+        weight 0 adds exactly 0.
     """
     _check_floating("student", student, 2, "[batch, classes]")
     _check_floating("teacher_values", teacher_values, 3, "[batch, heads, k]")
@@ -218,8 +178,10 @@ def sparse_multihead_kd_loss(
             f"student, teacher_values and teacher_indices must be on the same device, got {student.device}, "
             f"{teacher_values.device} and {teacher_indices.device}")
     temperatures = _per_head("temperature", temperature, num_heads, 4.0)
+    for tau in temperatures:
+        check_temperature(tau)
     head_weights = _per_head("weights", weights, num_heads, 1.0)
-    _check_per_head(temperatures, head_weights)
+    _check_weights(head_weights)
     if reduction not in REDUCTION_CODES:
         raise ValueError(f"reduction must be one of {sorted(REDUCTION_CODES)}, got {reduction!r}")
     if not isinstance(backend, str):
@@ -241,10 +203,7 @@ def sparse_multihead_kd_loss(
         check_sparse_teacher(teacher_values, teacher_indices, head_sizes)
     if backend in ("triton", "cuda") and student.dtype == torch.float64:
         raise TypeError(f"backend={backend!r} takes float32, float16 or bfloat16 logits, got float64")
-    device = student.device
-    head_offsets = torch.tensor(_head_offsets(head_sizes), dtype=torch.int64, device=device)
-    temperatures_t = torch.tensor(temperatures, dtype=torch.float32, device=device)
-    weights_t = torch.tensor(head_weights, dtype=torch.float32, device=device)
+    head_offsets, temperatures_t, weights_t = _head_tables(head_sizes, temperatures, head_weights, student.device)
     compute_grad = torch.is_grad_enabled() and student.requires_grad
     loss, _grad = sparse_kernel_op(backend)(
         student.contiguous(), teacher_values.contiguous(), teacher_indices.contiguous(), head_offsets,

@@ -9,16 +9,15 @@ so a head with fewer than k classes pads. Per row::
 
     loss = sum_h w_h * tau_h**2 * sum_j p_j * (log p_j - log softmax(s_h / tau_h)[idx_j])
 
-With k = C_h and indices ``0 .. C_h - 1`` this is exactly the dense loss of
-:mod:`rcfast.ops.reference`, and the same rules hold for non-finite values:
-padding adds nothing, not even where the student is ``-inf``; a student ``-inf``
-under teacher mass gives ``+inf``; a head whose entries are all padding adds 0
-(NaN if the student has a NaN there); NaN in (student head or teacher value)
-gives NaN out. Written for clarity, like the dense reference: float32 math
-(float64 stays float64, for gradcheck), autograd for the gradient.
+That is exactly the dense loss of :mod:`rcfast.ops.reference` against a dense
+teacher equal to the values at the indices and ``-inf`` elsewhere (p is 0
+there): the reference builds that teacher (:func:`sparse_teacher_to_dense`) and
+runs the dense reference, so both ops share every rule for non-finite values,
+degenerate heads and weight-0 heads by construction. With k = C_h and indices
+``0 .. C_h - 1`` it is the dense loss itself.
 
 This module is the ground truth every sparse kernel backend is tested against,
-so it refuses what the kernels would not define: :func:`check_sparse_teacher`
+so it refuses what the kernels leave undefined: :func:`check_sparse_teacher`
 (indices in range, no index twice in a (row, head)) runs on every call.
 """
 from __future__ import annotations
@@ -27,11 +26,9 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["check_sparse_teacher", "sparse_reference_row_losses", "sparse_teacher_log_probs"]
+from rcfast.ops.reference import reference_row_losses
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+__all__ = ["check_sparse_teacher", "sparse_reference_row_losses", "sparse_teacher_to_dense"]
 
 
 def _first_position(mask: torch.Tensor) -> tuple[int, ...]:
@@ -58,7 +55,7 @@ def check_sparse_teacher(teacher_values: torch.Tensor, teacher_indices: torch.Te
     is_entry = ~torch.isneginf(teacher_values)
     out_of_range = is_entry & ((index < 0) | (index >= sizes))
 
-    # Duplicates: sort each (row, head)'s indices, padding replaced by distinct
+    # Repeats: sort each (row, head)'s indices, padding replaced by distinct
     # negative sentinels, and look for equal neighbours.
     k = index.shape[2]
     sentinels = -1 - torch.arange(k, device=device, dtype=torch.int64).view(1, 1, k)
@@ -90,16 +87,31 @@ def check_sparse_teacher(teacher_values: torch.Tensor, teacher_indices: torch.Te
             "each (row, head) must list distinct classes")
 
 
-def sparse_teacher_log_probs(scaled_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(log p, fully_masked)`` of teacher entries ``values / tau`` (``[..., k]``).
+def sparse_teacher_to_dense(teacher_values: torch.Tensor, teacher_indices: torch.Tensor,
+                            head_offsets: torch.Tensor, num_cols: int) -> torch.Tensor:
+    """The dense ``[B, num_cols]`` teacher a sparse one stands for: the values at
+    their indices, ``-inf`` (p = 0) on every other class.
 
-    Padding (``-inf``) gets ``log p = -inf``; a (row, head) whose entries are all
-    padding has no distribution: its entries get ``log p = -inf`` too and
-    ``fully_masked`` (``[..., 1]``) is True there.
+    ``head_offsets`` is the int64 ``[H + 1]`` table of the kernels (head h is
+    columns ``o_h .. o_{h+1} - 1``, ``num_cols = o_H``); tensor ops only, so it
+    also traces under torch.compile. Padding entries write nothing. Defined for
+    any input: a repeated index keeps the largest of its values, and an index
+    out of range makes its head NaN (so that it cannot pass for a valid
+    teacher). ``O(B * N)`` memory: for the reference and the double backward,
+    never for the kernels.
     """
-    fully_masked = torch.isneginf(scaled_values).all(dim=-1, keepdim=True)
-    log_p = torch.log_softmax(torch.where(fully_masked, 0.0, scaled_values), dim=-1)
-    return torch.where(fully_masked, float("-inf"), log_p), fully_masked
+    batch = teacher_values.shape[0]
+    offsets = head_offsets[:-1].view(1, -1, 1)
+    sizes = (head_offsets[1:] - head_offsets[:-1]).view(1, -1, 1)
+    index = teacher_indices.to(torch.int64)
+    is_entry = ~torch.isneginf(teacher_values)
+    in_range = (index >= 0) & (index < sizes)
+    columns = offsets + torch.where(is_entry & in_range, index, 0)
+    nan = torch.full_like(teacher_values, float("nan"))
+    values = torch.where(is_entry, torch.where(in_range, teacher_values, nan), float("-inf"))
+    dense = torch.full((batch, num_cols), float("-inf"), dtype=teacher_values.dtype, device=teacher_values.device)
+    return dense.scatter_reduce(1, columns.reshape(batch, -1), values.reshape(batch, -1), reduce="amax",
+                                include_self=True)
 
 
 def sparse_reference_row_losses(
@@ -117,33 +129,10 @@ def sparse_reference_row_losses(
     :func:`check_sparse_teacher`). The teacher is detached: it is a target.
     """
     check_sparse_teacher(teacher_values, teacher_indices, head_sizes)
-    compute_dtype = _compute_dtype(student.dtype)
-    rows = None
-    first = 0
-    for h, (size, tau, w) in enumerate(zip(head_sizes, temperatures, weights)):
-        x_student = student[:, first:first + size].to(compute_dtype) / tau
-        first += size
-        x_teacher = teacher_values[:, h, :].detach().to(compute_dtype) / tau
-        log_p_teacher, teacher_masked = sparse_teacher_log_probs(x_teacher)
-        # Degenerate student heads as in the dense reference: zeros in place of an
-        # all -inf head so that no NaN enters the graph, then the loss set explicitly.
-        student_empty = torch.isneginf(x_student).all(dim=1, keepdim=True)
-        student_nan = torch.isnan(x_student).any(dim=1)
-        log_q = torch.log_softmax(torch.where(student_empty, 0.0, x_student), dim=1)
-
-        is_entry = ~torch.isneginf(x_teacher)
-        index = torch.where(is_entry, teacher_indices[:, h, :].to(torch.int64), 0)  # padding: any index
-        log_q_at = log_q.gather(1, index)
-        p_teacher = log_p_teacher.exp()
-        # p = 0 (padding, or a weight that underflows) adds nothing, even where the
-        # student is -inf too; NaN stays NaN (NaN != 0).
-        pointwise = torch.where(p_teacher != 0, p_teacher * (log_p_teacher - log_q_at),
-                                torch.zeros((), dtype=compute_dtype, device=student.device))
-        kl = pointwise.sum(dim=1)
-        kl = torch.where(student_empty.squeeze(1), float("inf"), kl)
-        # A head of padding only adds 0, unless the student brings a NaN.
-        masked_value = torch.where(student_nan, float("nan"), 0.0).to(compute_dtype)
-        kl = torch.where(teacher_masked.squeeze(1), masked_value, kl)
-        head_loss = (w * tau * tau) * kl
-        rows = head_loss if rows is None else rows + head_loss
-    return rows
+    offsets = [0]
+    for size in head_sizes:
+        offsets.append(offsets[-1] + size)
+    head_offsets = torch.tensor(offsets, dtype=torch.int64, device=student.device)
+    teacher = sparse_teacher_to_dense(teacher_values.detach(), teacher_indices, head_offsets, offsets[-1])
+    return reference_row_losses(torch.split(student, list(head_sizes), dim=1),
+                                torch.split(teacher, list(head_sizes), dim=1), temperatures, weights)

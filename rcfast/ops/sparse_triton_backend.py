@@ -1,21 +1,19 @@
 """The ``triton`` backend of the sparse op: ``rcfast::sparse_multihead_kd_fwd_triton``.
 
 The ``torch.library.triton_op`` around :func:`rcfast.kernels.sparse_kd_loss.sparse_kd_head_losses`,
-built like the dense op of :mod:`rcfast.ops.triton_backend` (whose import also
-makes ``rcfast.kernels`` importable from a source checkout): on a GPU
+built like the dense op of :mod:`rcfast.ops.triton_backend`: on a GPU
 ``torch.compile`` traces into it; under ``TRITON_INTERPRET=1`` it is opaque to
 tracing (fake implementation, no decomposition under functionalization). The
 contract and autograd formula are :mod:`rcfast.ops.sparse_contract`'s.
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 
+from rcfast.kernels import sparse_kd_loss
 from rcfast.ops import triton_backend
-from rcfast.ops.kernel_contract import REDUCTION_CODES
+from rcfast.ops.kernel_contract import REDUCTION_CODES, REDUCTION_NAMES, reduction_scale
 from rcfast.ops.reference import reduce_row_losses
 from rcfast.ops.sparse_contract import INDEX_DTYPES, fake_sparse_kernel, register_sparse_op_meta
 
@@ -23,10 +21,8 @@ __all__ = ["sparse_multihead_kd_fwd_triton", "QUALNAME"]
 
 QUALNAME = "rcfast::sparse_multihead_kd_fwd_triton"
 
-sparse_kd_loss = importlib.import_module("rcfast.kernels.sparse_kd_loss")
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_REDUCTION_NAMES = {code: name for name, code in REDUCTION_CODES.items()}
 
 
 @torch.library.triton_op(QUALNAME, mutates_args=())
@@ -58,10 +54,11 @@ def _sparse_multihead_kd_fwd_triton(
     head_losses, grad = sparse_kd_loss.sparse_kd_head_losses(
         student.contiguous(), teacher_values.contiguous(), teacher_indices.contiguous(),
         head_offsets.contiguous(), temperatures.to(torch.float32).contiguous(),
-        weights.to(torch.float32).contiguous(), reduction, compute_grad,
+        weights.to(torch.float32).contiguous(), reduction_scale(reduction, student.shape[0], num_heads),
+        compute_grad,
     )
     # The contract's reduction over per-row sums: deterministic (no atomics).
-    return reduce_row_losses(head_losses.sum(dim=1), _REDUCTION_NAMES[reduction], num_heads), grad
+    return reduce_row_losses(head_losses.sum(dim=1), REDUCTION_NAMES[reduction], num_heads), grad
 
 
 def _opaque_under_functionalization(mode, op, types, args, kwargs):
