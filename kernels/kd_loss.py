@@ -548,7 +548,8 @@ def kd_head_losses(
     if config is None:
         config = launch_config(num_rows, num_cols, num_heads, device)
     block, num_warps, num_splits = config.block, config.num_warps, config.num_splits
-    grad_scale = float(grad_scale)
+    # grad_scale stays as given: under torch.compile(dynamic=True) it is 1/B of a
+    # symbolic B, and float() would specialise the graph on the batch size.
 
     head_losses = torch.empty((num_rows, num_heads), dtype=torch.float32, device=device)
     grad = torch.empty_like(student) if compute_grad else student.new_empty((0,))

@@ -24,8 +24,8 @@ from rcfast.ops.backends import kernel_op
 from rcfast.ops.kernel_contract import REDUCTION_CODES
 
 from helpers.kd_compare import (  # tests/ is on sys.path (rootdir conftest.py)
-    ALL_BACKENDS, DTYPES, FUSED_BACKENDS, REDUCTIONS, assert_matches_reference, backend_params, device_for,
-    loss_and_grad, make_logits,
+    ALL_BACKENDS, DTYPES, FUSED_BACKENDS, REDUCTIONS, assert_compiled_matches_eager, assert_matches_reference,
+    backend_params, device_for, loss_and_grad, make_logits,
 )
 
 needs_fused = pytest.mark.skipif(not FUSED_BACKENDS, reason="no fused backend built here")
@@ -482,6 +482,21 @@ def test_head_tables_second_call_creates_no_tensor():
     assert not created & set(second.ops), second.ops
 
 
+@pytest.mark.parametrize("backend", backend_params(ALL_BACKENDS))
+def test_tables_cached_under_inference_mode_serve_training(backend):
+    """A first call under torch.inference_mode() (evaluation) must not cache inference
+    tensors that a later training call would have to save for backward."""
+    student, teacher = on_device(backend, *make_logits(3, (5, 9), torch.float32, seed=29))
+    kwargs = dict(splits=[5, 9], temperature=[2.0, 0.375], weights=[1.0, 0.625], backend=backend)
+    with torch.inference_mode():
+        evaluated = rcfast.multihead_kd_loss(student, teacher, **kwargs)
+    student.requires_grad_(True)
+    loss = rcfast.multihead_kd_loss(student, teacher, **kwargs)
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), evaluated)
+    assert student.grad is not None and torch.isfinite(student.grad).all()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", backend_params([b for b in FUSED_BACKENDS if b in ("triton", "cuda")]))
 def test_no_host_sync_per_call_on_gpu(backend):
@@ -525,15 +540,7 @@ def test_torch_compile_fullgraph(backend):
     def step(s, t):
         return rcfast.multihead_kd_loss(s, t, splits=[7, 30], temperature=[2.0, 4.0], backend=backend) * 2.0
 
-    compiled = torch.compile(step, fullgraph=True)
-    s1 = student.clone().requires_grad_(True)
-    s2 = student.clone().requires_grad_(True)
-    eager_loss = step(s1, teacher)
-    compiled_loss = compiled(s2, teacher)
-    eager_loss.backward()
-    compiled_loss.backward()
-    torch.testing.assert_close(compiled_loss, eager_loss)
-    torch.testing.assert_close(s2.grad, s1.grad)
+    assert_compiled_matches_eager(step, student, teacher)
 
 
 @needs_fused

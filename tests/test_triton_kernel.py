@@ -33,12 +33,14 @@ if unavailable_reason("triton") is not None:
 from rcfast.ops import triton_backend  # noqa: E402  (after the availability check)
 
 from helpers.kd_compare import REDUCTIONS, loss_and_grad  # noqa: E402
+from helpers.kd_compare import assert_compiled_matches_eager  # noqa: E402
 from helpers.kd_compare import assert_matches_reference as _assert_matches_reference  # noqa: E402
 from helpers.kd_compare import make_logits as _make_logits  # noqa: E402
 
 kd_loss = triton_backend.kd_loss
-# Without a GPU every test here runs the kernels in Triton's interpreter.
-pytestmark = [pytest.mark.interpreter] if triton_backend.kernels_are_interpreted() else []
+# Without a GPU every test here runs the kernels in Triton's interpreter; on a GPU
+# machine they run the compiled kernels on CUDA tensors, and `pytest -m gpu` selects them.
+pytestmark = [pytest.mark.interpreter] if triton_backend.kernels_are_interpreted() else [pytest.mark.gpu]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -379,15 +381,7 @@ def test_torch_compile_fullgraph(compile_backend):
         return rcfast.multihead_kd_loss(s, t, splits=[7, 30], temperature=[2.0, 4.0], backend="triton") * 2.0
 
     torch._dynamo.reset()
-    compiled = torch.compile(step, backend=compile_backend, fullgraph=True)
-    s_eager = student.clone().requires_grad_(True)
-    s_compiled = student.clone().requires_grad_(True)
-    eager_loss = step(s_eager, teacher)
-    compiled_loss = compiled(s_compiled, teacher)
-    eager_loss.backward()
-    compiled_loss.backward()
-    torch.testing.assert_close(compiled_loss, eager_loss)
-    torch.testing.assert_close(s_compiled.grad, s_eager.grad)
+    assert_compiled_matches_eager(step, student, teacher, backend=compile_backend)
 
 
 @pytest.mark.parametrize("case", ["fused-bf16-none", "fused-fp32-batchmean-nograd", "split-fp32-mean"])

@@ -116,11 +116,15 @@ def _head_offsets(head_sizes: tuple[int, ...]) -> list[int]:
 
 
 def _build_head_tables(head_sizes, temperatures, weights, device):
-    return (
-        torch.tensor(_head_offsets(head_sizes), dtype=torch.int64, device=device),
-        torch.tensor(temperatures, dtype=torch.float32, device=device),
-        torch.tensor(weights, dtype=torch.float32, device=device),
-    )
+    # Normal tensors even when the first call runs under torch.inference_mode(): the
+    # cached tables are later saved for backward by training calls, which an
+    # inference tensor cannot be.
+    with torch.inference_mode(False):
+        return (
+            torch.tensor(_head_offsets(head_sizes), dtype=torch.int64, device=device),
+            torch.tensor(temperatures, dtype=torch.float32, device=device),
+            torch.tensor(weights, dtype=torch.float32, device=device),
+        )
 
 
 # The kernels' per-head tables (int64 offsets, float32 temperatures and weights),
