@@ -218,7 +218,9 @@ def sparse_kd_head_losses(
     with _launch_context(device):
         wrap_triton(_sparse_kd_kernel)[(num_rows, num_heads)](
             student, teacher_values, teacher_indices, grad if compute_grad else student, head_offsets,
-            temperatures, weights, head_losses, num_cols, num_heads, k, float(grad_scale),
+            # grad_scale as given (as the dense kernel): under torch.compile(dynamic=True) it is
+            # 1/B of a symbolic B, and float() would specialise the graph on the batch size.
+            temperatures, weights, head_losses, num_cols, num_heads, k, grad_scale,
             COMPUTE_GRAD=compute_grad, BLOCK=block, BLOCK_K=entry_block(k), ALIGN=ALIGN, num_warps=num_warps,
         )
     return head_losses, grad
