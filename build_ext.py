@@ -58,9 +58,9 @@ def _is_x86_64() -> bool:
 # portable code) is the only one, and kd_cpu.cpp never refers to the others.
 CPU_CAPABILITIES = (_DEFAULT_CAPABILITY,) + (_X86_CAPABILITIES if _is_x86_64() else ())
 
-_MAIN_SOURCES = ["csrc/bindings.cpp", "csrc/cpu/kd_cpu.cpp"]
+_MAIN_SOURCES = ["csrc/bindings.cpp", "csrc/cpu/kd_cpu.cpp", "csrc/cpu/sparse_kd_cpu.cpp"]
 _HEADERS = ["csrc/kd_math.h", "csrc/cpu/kd_cpu.h", "csrc/cpu/kd_cpu_driver.h", "csrc/cpu/kd_cpu_passes.h",
-            "csrc/cpu/kd_vec_exp.h"]
+            "csrc/cpu/kd_vec_exp.h", "csrc/cpu/sparse_kd_cpu.h", "csrc/cpu/sparse_kd_cpu_kernel_impl.h"]
 
 
 def _debug() -> bool:

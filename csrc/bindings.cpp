@@ -29,6 +29,12 @@ TORCH_LIBRARY(rcfast, m) {
   m.def(
       "multihead_kd_fwd(Tensor student, Tensor teacher, Tensor head_offsets, Tensor temperatures, "
       "Tensor weights, int reduction, bool compute_grad) -> (Tensor, Tensor)");
+  // The loss against a top-k teacher: exactly rcfast.ops.sparse_contract.SPARSE_OP_SCHEMA
+  // (tests/test_sparse_kd.py checks it).
+  m.def(
+      "sparse_multihead_kd_fwd(Tensor student, Tensor teacher_values, Tensor teacher_indices, "
+      "Tensor head_offsets, Tensor temperatures, Tensor weights, int reduction, bool compute_grad) "
+      "-> (Tensor, Tensor)");
   // Which vector path the CPU kernel runs here: "avx512", "avx2" or "default".
   m.def("kd_cpu_capability() -> str");
 }

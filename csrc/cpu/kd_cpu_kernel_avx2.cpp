@@ -9,3 +9,5 @@
 #error "kd_cpu_kernel_avx2.cpp must be compiled with -DCPU_CAPABILITY=AVX2 -DCPU_CAPABILITY_AVX2 (see build_ext.py)"
 #endif
 #include "kd_cpu_driver.h"
+// The sparse (top-k teacher) kernel shares this object and the dense kernel's helpers.
+#include "sparse_kd_cpu_kernel_impl.h"
