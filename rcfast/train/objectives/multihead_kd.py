@@ -14,7 +14,8 @@ Loss: :func:`rcfast.multihead_kd_loss` with ``reduction="batchmean"`` on the
 run's ``train.loss_backend``; per-head values are logged as parts. The
 teachers may come as their top-k logits (a top-k teacher cache,
 :class:`~rcfast.train.sparse_teacher.SparseTeacherLogits`): the loss is then the
-top-k loss, the teacher's softmax over its k entries and 0 elsewhere.
+top-k loss, the teacher's softmax over its k entries and 0 elsewhere, computed by the
+fused :func:`rcfast.sparse_multihead_kd_loss` (no dense teacher is built).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from typing import Mapping
 import torch
 
 from rcfast.ops.multihead_kd import multihead_kd_loss
+from rcfast.ops.sparse_kd import sparse_multihead_kd_loss
 from rcfast.train.objectives.base import Term, TermSetup, register_term
 from rcfast.train.objectives.inputs import StepInputs, StudentLogits, TeacherLogits
 from rcfast.train.sparse_teacher import SparseTeacherLogits
@@ -51,9 +53,9 @@ def _check_per_head(option: str, value, positive: bool) -> None:
 def _kd_loss(student: torch.Tensor, teacher, **options) -> torch.Tensor:
     """The fused KD loss against dense packed teacher logits, or against top-k ones."""
     if isinstance(teacher, SparseTeacherLogits):
-        # The dense op on logits that are -inf outside the top k is the top-k loss exactly
-        # (a -inf teacher logit has p = 0).
-        return multihead_kd_loss(student, teacher.to_dense(), **options)
+        # The fused top-k op reads the k stored logits per head and never builds the dense teacher
+        # (which is the reference semantics: -inf, p = 0, outside the top k; see to_dense).
+        return sparse_multihead_kd_loss(student, teacher.values, teacher.indices.to(torch.int32), **options)
     return multihead_kd_loss(student, teacher, **options)
 
 
