@@ -1,0 +1,444 @@
+"""The chunk plan and chunk loop of the fused linear + multi-head KD loss.
+
+``loss = multihead_kd_loss(hidden @ weight.T + bias, teacher_logits, ...)``
+computed so that the ``[B, N]`` logits never exist (Liger-Kernel's fused linear
+losses, DESIGN.md "Variants of the op"):
+
+- **Rows in chunks.** A chunk of ``rows`` rows holds at most ``budget`` logits
+  (:func:`plan_chunks`). Per chunk: one GEMM for the student's logits (and one
+  for the teacher's when the teacher is a linear layer too), the backend's fused
+  KD kernel on them, which writes the logits' gradient ``g``, then
+  ``d_hidden[chunk] = g @ W``, ``dW.addmm_(g.T, h_chunk)`` in place and
+  ``db += g.sum(0)``. The gradients are finished when the forward is.
+- **Heads wider than the budget** (one row of them does not fit) are cut along
+  classes into blocks. A block's partial softmax statistics (running max, sum of
+  exps, and the KL term ``A``, as in DESIGN.md "The kernel algorithm") are
+  merged across blocks with the online log-sum-exp; once the head's statistics
+  are final, its blocks' logits are computed again for the gradient (one GEMM
+  more for those heads only: the price of not holding them).
+
+Math is float32 (float64 stays float64); GEMMs run in the inputs' dtype and
+accumulate in float32 inside each call. ``dW`` is accumulated across row
+chunks in the weight's dtype (see docs/fused_linear.md for what that costs in
+bfloat16); ``db`` and a split chunk's ``d_hidden`` in float32.
+
+This module knows nothing of autograd or of ``torch.library``: the op around it
+is :mod:`rcfast.ops.fused_linear_op`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional, Sequence
+
+import torch
+
+__all__ = [
+    "MIN_CHUNK_LOGITS", "SPLIT_ROWS", "ColumnGroup", "ChunkPlan", "default_chunk_logits",
+    "plan_chunks", "PackedTeacher", "LinearTeacher", "TeacherBlocks", "ChunkResult",
+    "run_chunks",
+]
+
+# The smallest default budget (logits per chunk): below it GEMMs are too thin to
+# run at speed, and the memory saved is negligible anyway (4 MiB of float32).
+MIN_CHUNK_LOGITS = 1 << 20
+
+# Rows per chunk when heads are split along classes: enough rows for the block
+# GEMMs to be matrix products rather than matrix-vector products.
+SPLIT_ROWS = 16
+
+# The kernel contract's reduction codes (rcfast.ops.kernel_contract.REDUCTION_CODES).
+_NONE, _SUM = 0, 1
+
+
+# --------------------------------------------------------------------------------------
+# Plan
+# --------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ColumnGroup:
+    """Packed columns ``[begin, end)`` handled together in a chunk.
+
+    Either whole heads (``heads``: their indices; ``split_head`` is None), which
+    the fused kernel finishes in one pass, or one block of a head too wide for
+    the budget (``split_head``: that head's index; ``heads`` is empty).
+    """
+
+    begin: int
+    end: int
+    heads: tuple[int, ...] = ()
+    split_head: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkPlan:
+    """How the ``[B, N]`` logits are walked: ``rows`` rows at a time, ``groups`` of columns."""
+
+    rows: int
+    groups: tuple[ColumnGroup, ...]
+
+    @property
+    def splits_heads(self) -> bool:
+        return any(group.split_head is not None for group in self.groups)
+
+
+def default_chunk_logits(batch: int, dim: int, num_classes: int) -> int:
+    """The default budget of logits per chunk.
+
+    Liger-Kernel's heuristic keeps a chunk's logits about the size of the input
+    activations (``B * D``: rows ~ ``B / ceil(N / D)``); the budget is also
+    capped at 1/32 of all the logits so that the few chunk-sized buffers (student
+    logits, their gradient, a teacher block) stay well under 15 % of the logits,
+    and floored at :data:`MIN_CHUNK_LOGITS`.
+    """
+    liger = batch * dim
+    memory_cap = -(-batch * num_classes // 32)
+    return max(min(liger, memory_cap), MIN_CHUNK_LOGITS)
+
+
+def plan_chunks(batch: int, dim: int, head_sizes: Sequence[int], max_chunk_logits: int = 0) -> ChunkPlan:
+    """Rows per chunk and column groups for ``batch`` rows, ``dim`` features, these heads.
+
+    ``max_chunk_logits`` (0: :func:`default_chunk_logits`) bounds the logits a
+    chunk holds at once. When one row of all heads fits, chunks are whole rows
+    and there is one group; otherwise chunks have :data:`SPLIT_ROWS` rows,
+    consecutive heads are grouped while they fit the width ``budget // rows``, and
+    wider heads are cut into blocks of at most that width.
+    """
+    num_classes = sum(head_sizes)
+    budget = max_chunk_logits if max_chunk_logits > 0 else default_chunk_logits(batch, dim, num_classes)
+    if budget >= num_classes:
+        rows = min(batch, budget // num_classes)
+        everything = ColumnGroup(0, num_classes, heads=tuple(range(len(head_sizes))))
+        return ChunkPlan(rows=rows, groups=(everything,))
+
+    rows = min(batch, SPLIT_ROWS)
+    width = max(1, budget // rows)
+    groups: list[ColumnGroup] = []
+    pending: list[int] = []  # consecutive whole heads not yet closed into a group
+    pending_begin = begin = 0
+
+    def close_pending():
+        if pending:
+            groups.append(ColumnGroup(pending_begin, begin, heads=tuple(pending)))
+            pending.clear()
+
+    for head, size in enumerate(head_sizes):
+        if size > width:
+            close_pending()
+            num_blocks = -(-size // width)
+            block = -(-size // num_blocks)  # near-equal blocks, each <= width
+            for start in range(begin, begin + size, block):
+                groups.append(ColumnGroup(start, min(start + block, begin + size), split_head=head))
+        else:
+            if begin - pending_begin + size > width:
+                close_pending()
+            if not pending:
+                pending_begin = begin
+            pending.append(head)
+        begin += size
+    close_pending()
+    return ChunkPlan(rows=rows, groups=tuple(groups))
+
+
+# --------------------------------------------------------------------------------------
+# Teachers: where a chunk's teacher logits come from
+# --------------------------------------------------------------------------------------
+
+class TeacherBlocks:
+    """A source of the teacher's logits, one ``[rows, columns]`` block at a time.
+
+    ``block(r0, r1, c0, c1, dtype)`` returns rows ``r0:r1`` and packed columns
+    ``c0:c1`` of the teacher's logits, contiguous, in ``dtype``. New teacher
+    forms (e.g. a top-k teacher, densified per block) implement this.
+    """
+
+    def block(self, r0: int, r1: int, c0: int, c1: int, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class PackedTeacher(TeacherBlocks):
+    """Teacher logits given as one ``[B, N]`` tensor: blocks are slices (no copy for whole rows)."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits
+
+    def block(self, r0, r1, c0, c1, dtype):
+        return self.logits[r0:r1, c0:c1].to(dtype).contiguous()
+
+
+class LinearTeacher(TeacherBlocks):
+    """Teacher given as its last linear layer: blocks are computed (``t = h_t @ W_t.T + b_t``)."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+
+    def block(self, r0, r1, c0, c1, dtype):
+        return _linear_block(self.hidden[r0:r1], self.weight, self.bias, c0, c1).to(dtype)
+
+
+def _linear_block(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], c0: int, c1: int):
+    """``h @ weight[c0:c1].T + bias[c0:c1]`` in one GEMM."""
+    if bias is None:
+        return torch.mm(h, weight[c0:c1].t())
+    return torch.addmm(bias[c0:c1], h, weight[c0:c1].t())
+
+
+# --------------------------------------------------------------------------------------
+# Split heads: partial softmax statistics, merged online
+# --------------------------------------------------------------------------------------
+
+def _shift(running_max: torch.Tensor) -> torch.Tensor:
+    # Sums are taken relative to the running max, or to 0 while it is -inf (then
+    # every exp is exp(-inf) = 0 rather than exp(-inf + inf) = NaN).
+    return torch.where(running_max == float("-inf"), torch.zeros_like(running_max), running_max)
+
+
+@dataclasses.dataclass
+class _HeadStats:
+    """Per-row online statistics of one head: ``x = logits / tau``, sums relative to ``_shift(max)``.
+
+    ``a`` is ``sum exp(x_t - shift_t) * (x_t - x_s)`` over classes with teacher
+    mass, so that ``KL = a / l_t - lse_t + lse_s`` (DESIGN.md).
+    """
+
+    m_s: torch.Tensor
+    l_s: torch.Tensor
+    m_t: torch.Tensor
+    l_t: torch.Tensor
+    a: torch.Tensor
+
+    @classmethod
+    def of_block(cls, student: torch.Tensor, teacher: torch.Tensor, tau: torch.Tensor, compute_dtype):
+        x_s = student.to(compute_dtype) / tau
+        x_t = teacher.to(compute_dtype) / tau
+        m_s = x_s.amax(dim=1)  # amax propagates NaN: a NaN logit poisons the head
+        m_t = x_t.amax(dim=1)
+        e_s = torch.exp(x_s - _shift(m_s).unsqueeze(1))
+        e_t = torch.exp(x_t - _shift(m_t).unsqueeze(1))
+        # Where the teacher has no mass the term is 0, even if x_t - x_s is NaN
+        # (-inf - -inf) or -inf; `e_t == 0` (not `> 0`) keeps a NaN teacher NaN.
+        term = torch.where(e_t == 0, torch.zeros_like(e_t), e_t * (x_t - x_s))
+        return cls(m_s, e_s.sum(dim=1), m_t, e_t.sum(dim=1), term.sum(dim=1))
+
+    def merge(self, other: "_HeadStats") -> "_HeadStats":
+        """Both states brought to the larger max (the online log-sum-exp)."""
+        m_s = torch.maximum(self.m_s, other.m_s)  # NaN-propagating
+        m_t = torch.maximum(self.m_t, other.m_t)
+        # A factor is exp(m_old - shift_new): 0 for a state that has seen only -inf.
+        f_s, g_s = torch.exp(self.m_s - _shift(m_s)), torch.exp(other.m_s - _shift(m_s))
+        f_t, g_t = torch.exp(self.m_t - _shift(m_t)), torch.exp(other.m_t - _shift(m_t))
+        zero = torch.zeros_like(self.a)
+        # An A whose weight underflows to 0 is dropped (it may be +inf from a
+        # student -inf under teacher mass that is now negligible, as in the kernels).
+        a = torch.where(f_t == 0, zero, self.a * f_t) + torch.where(g_t == 0, zero, other.a * g_t)
+        return _HeadStats(m_s, self.l_s * f_s + other.l_s * g_s, m_t, self.l_t * f_t + other.l_t * g_t, a)
+
+    def kl(self) -> torch.Tensor:
+        """``KL(p_t || p_s)`` per row, with the degenerate heads of :mod:`rcfast.ops.reference`."""
+        kl = (self.a / self.l_t - (_shift(self.m_t) - _shift(self.m_s))
+              - torch.log(self.l_t) + torch.log(self.l_s))
+        kl = torch.where(self.l_s == 0, torch.full_like(kl, float("inf")), kl)
+        # A fully masked teacher head (l_t = 0) adds 0, unless the student has a NaN.
+        return torch.where(self.l_t == 0, torch.where(torch.isnan(self.l_s), self.l_s, torch.zeros_like(kl)), kl)
+
+    def grad(self, student, teacher, tau, coef, compute_dtype) -> torch.Tensor:
+        """``coef * (softmax(x_s) - softmax(x_t))`` of one block, with the final statistics.
+
+        ``coef`` is ``[rows, 1]`` or a scalar. A head without teacher mass gets 0;
+        a student head without mass gets ``-coef * p_t`` (as the kernels do).
+        """
+        no_teacher_mass = (self.l_t == 0).unsqueeze(1)
+        log_l_s = torch.where(self.l_s == 0, torch.zeros_like(self.l_s), torch.log(self.l_s))
+        log_l_t = torch.where(self.l_t == 0, torch.zeros_like(self.l_t), torch.log(self.l_t))
+        x_s = student.to(compute_dtype) / tau
+        x_t = teacher.to(compute_dtype) / tau
+        # exp((x - shift) - log l), in that order, like log_softmax (no folded lse).
+        p_s = torch.exp((x_s - _shift(self.m_s).unsqueeze(1)) - log_l_s.unsqueeze(1))
+        p_t = torch.exp((x_t - _shift(self.m_t).unsqueeze(1)) - log_l_t.unsqueeze(1))
+        g = coef * (p_s - p_t)
+        return torch.where(no_teacher_mass, torch.zeros_like(g), g)
+
+
+# --------------------------------------------------------------------------------------
+# The chunk loop
+# --------------------------------------------------------------------------------------
+
+ChunkKernel = Callable[..., tuple]
+"""A fused KD kernel op of :mod:`rcfast.ops.kernel_contract` (``loss, grad = k(s, t, offsets, taus, ws, red, grad)``)."""
+
+
+@dataclasses.dataclass
+class ChunkResult:
+    loss: torch.Tensor
+    grad_hidden: Optional[torch.Tensor]
+    grad_weight: Optional[torch.Tensor]
+    grad_bias: Optional[torch.Tensor]
+
+
+class _Gradients:
+    """The gradient buffers and how a chunk's logits gradient ``g`` is folded into them."""
+
+    def __init__(self, hidden, weight, bias, needs, accumulate_dtype):
+        need_hidden, need_weight, need_bias = needs
+        self.hidden = torch.empty_like(hidden) if need_hidden else None
+        # dW is written by mm(out=) for the first row chunk and addmm_'d for the
+        # others (no zero-fill pass over a dW-sized buffer).
+        self.weight = torch.empty_like(weight) if need_weight else None
+        self.weight_started = False
+        self.bias_accumulator = (torch.zeros(bias.shape[0], dtype=accumulate_dtype, device=bias.device)
+                                 if need_bias else None)
+        self.bias_dtype = None if bias is None else bias.dtype
+        self.accumulate_dtype = accumulate_dtype
+
+    @property
+    def any(self) -> bool:
+        return self.hidden is not None or self.weight is not None or self.bias_accumulator is not None
+
+    def add_block(self, g, h, weight, r0, c0, c1, scale, first_row_chunk, hidden_accumulator):
+        """Fold ``scale * g``, ``g = dL/d logits[r0:r0+R, c0:c1]`` unscaled, into dh, dW and db.
+
+        The reduction's scale (1/B, ...) is the GEMMs' ``alpha``, a double: exact
+        for float64 (gradcheck), and the kernels' gradient is not scaled down
+        before it is rounded to a half-precision dtype.
+        """
+        if self.hidden is not None:
+            if hidden_accumulator is None:  # the chunk's only group: write dh directly
+                out = self.hidden[r0:r0 + g.shape[0]]
+                torch.addmm(out, g, weight[c0:c1], beta=0, alpha=scale, out=out)
+            else:
+                hidden_accumulator.add_(torch.mm(g, weight[c0:c1]), alpha=scale)
+        if self.weight is not None:
+            out = self.weight[c0:c1]
+            # beta=0: the first row chunk writes (the buffer is uninitialised), the others add.
+            out.addmm_(g.t(), h, beta=0 if first_row_chunk else 1, alpha=scale)
+        if self.bias_accumulator is not None:
+            self.bias_accumulator[c0:c1].add_(g.sum(dim=0, dtype=self.accumulate_dtype), alpha=scale)
+
+    def finish(self):
+        bias = None if self.bias_accumulator is None else self.bias_accumulator.to(self.bias_dtype)
+        return self.hidden, self.weight, bias
+
+
+def run_chunks(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    teacher: TeacherBlocks,
+    head_sizes: Sequence[int],
+    temperatures: torch.Tensor,
+    weights: torch.Tensor,
+    reduction_scale: Optional[float],
+    needs: tuple[bool, bool, bool],
+    kernel: ChunkKernel,
+    row_grad: Optional[torch.Tensor] = None,
+    max_chunk_logits: int = 0,
+) -> ChunkResult:
+    """Loss and (optionally) gradients of the fused linear multi-head KD loss.
+
+    Args:
+        hidden, weight, bias: ``[B, D]``, ``[N, D]``, ``[N]`` or None, one dtype.
+        teacher: where the teacher's logits come from (:class:`TeacherBlocks`).
+        head_sizes: ``[C_1, ..., C_H]``, summing to N.
+        temperatures, weights: float32 ``[H]`` on the inputs' device.
+        reduction_scale: None for per-row losses (``"none"``: the loss is
+            ``[B]``); else the scale of the summed loss (1, 1/B, 1/(B*H)): the
+            kernels run with ``"sum"`` and the scale is applied to their sums
+            and, as the GEMMs' ``alpha``, to the gradients.
+        needs: which of (dh, dW, db) to compute.
+        kernel: the backend's fused KD kernel op, run on each chunk.
+        row_grad: with ``reduction_scale=None``, an incoming gradient per row
+            ``[B]``: the gradients are then those of ``sum(row_grad * loss)``.
+        max_chunk_logits: the chunk budget (0: the default, :func:`plan_chunks`).
+    """
+    batch, dim = hidden.shape
+    num_heads = len(head_sizes)
+    plan = plan_chunks(batch, dim, head_sizes, max_chunk_logits)
+    dtype = hidden.dtype
+    compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    per_row = reduction_scale is None
+    scale = 1.0 if per_row else float(reduction_scale)
+    offsets = [0]
+    for size in head_sizes:
+        offsets.append(offsets[-1] + size)
+    grads = _Gradients(hidden, weight, bias, needs, compute_dtype)
+    compute_grad = grads.any
+    if row_grad is not None and not per_row:
+        raise ValueError("row_grad goes with per-row losses (reduction 'none')")
+    kernel_reduction = _NONE if per_row else _SUM
+
+    # Small per-group tables for the kernel, built once per call.
+    group_tables = {}
+    for group in plan.groups:
+        if group.split_head is None:
+            rel = torch.tensor([offsets[h] - group.begin for h in group.heads] + [group.end - group.begin],
+                               dtype=torch.int64, device=hidden.device)
+            idx = torch.tensor(group.heads, dtype=torch.int64, device=hidden.device)
+            group_tables[group.begin] = (rel, temperatures[idx].contiguous(), weights[idx].contiguous())
+    split_heads = sorted({g.split_head for g in plan.groups if g.split_head is not None})
+    # Per head: the gradient's w * tau and the loss's w * tau^2 (the scale comes later).
+    coefs = weights * temperatures
+    loss_weights = weights * temperatures * temperatures
+
+    row_losses = torch.zeros(batch, dtype=compute_dtype, device=hidden.device) if per_row else None
+    total = torch.zeros((), dtype=compute_dtype, device=hidden.device)
+
+    for r0 in range(0, batch, plan.rows):
+        r1 = min(r0 + plan.rows, batch)
+        h = hidden[r0:r1]
+        first_row_chunk = r0 == 0
+        chunk_row_grad = None if row_grad is None else row_grad[r0:r1].to(compute_dtype).unsqueeze(1)
+        hidden_accumulator = None
+        if grads.hidden is not None and len(plan.groups) > 1:
+            hidden_accumulator = torch.zeros((r1 - r0, dim), dtype=compute_dtype, device=hidden.device)
+        stats: dict[int, _HeadStats] = {}
+
+        for group in plan.groups:
+            c0, c1 = group.begin, group.end
+            student = _linear_block(h, weight, bias, c0, c1)
+            target = teacher.block(r0, r1, c0, c1, dtype)
+            if group.split_head is not None:
+                tau = temperatures[group.split_head].to(compute_dtype)
+                block_stats = _HeadStats.of_block(student, target, tau, compute_dtype)
+                head = group.split_head
+                stats[head] = block_stats if head not in stats else stats[head].merge(block_stats)
+                continue
+            rel, taus, ws = group_tables[c0]
+            loss, g = kernel(student, target, rel, taus, ws, kernel_reduction, compute_grad)
+            if per_row:
+                row_losses[r0:r1] += loss.to(compute_dtype)
+            else:
+                total += loss.to(compute_dtype)
+            if compute_grad:
+                if chunk_row_grad is not None:
+                    g = g.mul_(chunk_row_grad)
+                grads.add_block(g, h, weight, r0, c0, c1, scale, first_row_chunk, hidden_accumulator)
+            del student, target, g
+
+        for head in split_heads:
+            head_loss = loss_weights[head].to(compute_dtype) * stats[head].kl()
+            if per_row:
+                row_losses[r0:r1] += head_loss
+            else:
+                total += head_loss.sum()
+        if compute_grad and split_heads:
+            # The split heads' statistics are final: their blocks again, for the gradient.
+            for group in plan.groups:
+                if group.split_head is None:
+                    continue
+                c0, c1 = group.begin, group.end
+                head = group.split_head
+                student = _linear_block(h, weight, bias, c0, c1)
+                target = teacher.block(r0, r1, c0, c1, dtype)
+                coef = coefs[head].to(compute_dtype)
+                if chunk_row_grad is not None:
+                    coef = coef * chunk_row_grad
+                g = stats[head].grad(student, target, temperatures[head].to(compute_dtype), coef,
+                                     compute_dtype).to(dtype)
+                grads.add_block(g, h, weight, r0, c0, c1, scale, first_row_chunk, hidden_accumulator)
+                del student, target, g
+        if hidden_accumulator is not None:
+            grads.hidden[r0:r1] = hidden_accumulator
+
+    grad_hidden, grad_weight, grad_bias = grads.finish()
+    loss = row_losses if per_row else total * scale
+    return ChunkResult(loss, grad_hidden, grad_weight, grad_bias)
