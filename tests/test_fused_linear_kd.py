@@ -13,6 +13,9 @@ against a float64 ground truth.
 """
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -578,18 +581,28 @@ def test_plan_covers_every_column_once_within_the_budget(batch, dim, head_sizes,
     assert covered_to == sum(head_sizes)
 
 
-def test_default_plan_of_the_benchmark_shapes():
-    """Liger's rows ~ B / ceil(N / D), at most 1/32 of the logits a chunk, no split."""
-    plan = plan_chunks(4096, 1024, (32000, 32000))
-    assert plan.rows == 65 and not plan.splits_heads  # 4096 * 1024 // 64000
+def test_default_plans():
+    """At most 1/24 of the logits a chunk; on GPUs within that Liger's rows ~ B / ceil(N / D)."""
+    assert plan_chunks(4096, 1024, (32000, 32000), device_type="cpu").rows == 4096 // 24
+    assert plan_chunks(4096, 1024, (32000, 32000), device_type="cuda").rows == 4096 * 1024 // 64000
+    assert plan_chunks(4096, 8192, (32000, 32000), device_type="cuda").rows == 4096 // 24  # the cap
     plan = plan_chunks(4096, 1024, (1000, 100))  # small heads: the floor (the logits are small anyway)
     assert plan.rows == MIN_CHUNK_LOGITS // 1100
-    plan = plan_chunks(4096, 8192, (32000, 32000))  # wide features: the memory cap, 1/32 of the rows
-    assert plan.rows == 4096 // 32
     assert plan_chunks(8, 4, (10,)).rows == 8  # tiny problems: one chunk (the floor)
     assert default_chunk_logits(8, 4, 10) == MIN_CHUNK_LOGITS
-    huge = plan_chunks(4096, 1024, (10_000_000,))  # a row exceeds the budget: split
+    huge = plan_chunks(4096, 1024, (10_000_000,), device_type="cuda")  # a row exceeds the budget: split
     assert huge.rows == SPLIT_ROWS and huge.splits_heads
+
+
+@needs_fused
+def test_split_blocks_leave_the_callers_teacher_untouched():
+    """One-row chunks make a teacher block a view of the caller's logits: never written to."""
+    problem = make_problem(1, 4, (40,), seed=19)
+    teacher = teacher_of(problem, "logits")
+    before = teacher.clone()
+    rcfast.fused_linear_multihead_kd_loss(problem["hidden"], problem["weight"].requires_grad_(True), teacher,
+                                          max_chunk_logits=5, backend="cpu").backward()
+    assert torch.equal(teacher, before)
 
 
 # --------------------------------------------------------------------------------------
@@ -653,3 +666,16 @@ def test_float64_on_the_triton_backend_is_refused():
                                               problem["weight"].to(device_for("triton")),
                                               teacher_of(problem, "logits").to(device_for("triton")),
                                               backend="triton")
+
+
+@pytest.mark.slow
+@needs_fused
+def test_first_call_does_not_import_dynamo():
+    """The op is defined without torch.library.custom_op, whose kernels import torch._dynamo
+    (seconds) on the first call: a codebase that only trains with the loss never pays it."""
+    code = ("import sys, torch, rcfast\n"
+            "h = torch.randn(4, 3, requires_grad=True)\n"
+            "rcfast.fused_linear_multihead_kd_loss(h, torch.randn(5, 3), torch.randn(4, 5), backend='cpu').backward()\n"
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -33,14 +33,18 @@ from typing import Callable, Optional, Sequence
 import torch
 
 __all__ = [
-    "MIN_CHUNK_LOGITS", "SPLIT_ROWS", "ColumnGroup", "ChunkPlan", "default_chunk_logits",
+    "MIN_CHUNK_LOGITS", "LOGITS_FRACTION", "SPLIT_ROWS", "ColumnGroup", "ChunkPlan", "default_chunk_logits",
     "plan_chunks", "PackedTeacher", "LinearTeacher", "TeacherBlocks", "ChunkResult",
     "run_chunks",
 ]
 
 # The smallest default budget (logits per chunk): below it GEMMs are too thin to
-# run at speed, and the memory saved is negligible anyway (4 MiB of float32).
-MIN_CHUNK_LOGITS = 1 << 20
+# run at speed, and the memory saved is negligible anyway (1 MiB of float32).
+MIN_CHUNK_LOGITS = 1 << 18
+
+# A chunk holds at most this fraction of all the logits by default (three
+# chunk-sized buffers: 12.5 %).
+LOGITS_FRACTION = 24
 
 # Rows per chunk when heads are split along classes: enough rows for the block
 # GEMMs to be matrix products rather than matrix-vector products.
@@ -81,21 +85,25 @@ class ChunkPlan:
         return any(group.split_head is not None for group in self.groups)
 
 
-def default_chunk_logits(batch: int, dim: int, num_classes: int) -> int:
+def default_chunk_logits(batch: int, dim: int, num_classes: int, device_type: str = "cpu") -> int:
     """The default budget of logits per chunk.
 
-    Liger-Kernel's heuristic keeps a chunk's logits about the size of the input
-    activations (``B * D``: rows ~ ``B / ceil(N / D)``); the budget is also
-    capped at 1/32 of all the logits so that the few chunk-sized buffers (student
-    logits, their gradient, a teacher block) stay well under 15 % of the logits,
-    and floored at :data:`MIN_CHUNK_LOGITS`.
+    At most ``1 / LOGITS_FRACTION`` of all the logits, so that the chunk-sized
+    buffers alive at once (the student's logits, their gradient and, for a
+    teacher given as a linear layer, its logits) stay within 15 % of the
+    logits. On GPUs, Liger-Kernel's heuristic within that: about the size of the
+    input activations (``B * D``: rows ~ ``B / ceil(N / D)``). On CPUs the cap
+    itself: every chunk streams ``W`` twice (logits and ``dh`` GEMMs) and
+    reads and writes all of ``dW``, so fewer, larger chunks are faster (see
+    docs/fused_linear.md). Never below :data:`MIN_CHUNK_LOGITS`.
     """
-    liger = batch * dim
-    memory_cap = -(-batch * num_classes // 32)
-    return max(min(liger, memory_cap), MIN_CHUNK_LOGITS)
+    memory_cap = -(-batch * num_classes // LOGITS_FRACTION)
+    budget = memory_cap if device_type == "cpu" else min(batch * dim, memory_cap)
+    return max(budget, MIN_CHUNK_LOGITS)
 
 
-def plan_chunks(batch: int, dim: int, head_sizes: Sequence[int], max_chunk_logits: int = 0) -> ChunkPlan:
+def plan_chunks(batch: int, dim: int, head_sizes: Sequence[int], max_chunk_logits: int = 0,
+                device_type: str = "cpu") -> ChunkPlan:
     """Rows per chunk and column groups for ``batch`` rows, ``dim`` features, these heads.
 
     ``max_chunk_logits`` (0: :func:`default_chunk_logits`) bounds the logits a
@@ -105,7 +113,8 @@ def plan_chunks(batch: int, dim: int, head_sizes: Sequence[int], max_chunk_logit
     wider heads are cut into blocks of at most that width.
     """
     num_classes = sum(head_sizes)
-    budget = max_chunk_logits if max_chunk_logits > 0 else default_chunk_logits(batch, dim, num_classes)
+    budget = (max_chunk_logits if max_chunk_logits > 0
+              else default_chunk_logits(batch, dim, num_classes, device_type))
     if budget >= num_classes:
         rows = min(batch, budget // num_classes)
         everything = ColumnGroup(0, num_classes, heads=tuple(range(len(head_sizes))))
@@ -209,16 +218,20 @@ class _HeadStats:
 
     @classmethod
     def of_block(cls, student: torch.Tensor, teacher: torch.Tensor, tau: torch.Tensor, compute_dtype):
+        # In place where possible: three block-sized float32 buffers at most.
+        # Out of place first: a block may be a view of the caller's teacher logits.
         x_s = student.to(compute_dtype) / tau
         x_t = teacher.to(compute_dtype) / tau
         m_s = x_s.amax(dim=1)  # amax propagates NaN: a NaN logit poisons the head
         m_t = x_t.amax(dim=1)
-        e_s = torch.exp(x_s - _shift(m_s).unsqueeze(1))
+        l_s = torch.exp(x_s - _shift(m_s).unsqueeze(1)).sum(dim=1)
         e_t = torch.exp(x_t - _shift(m_t).unsqueeze(1))
+        l_t = e_t.sum(dim=1)
+        term = x_s.neg_().add_(x_t).mul_(e_t)  # e_t * (x_t - x_s)
         # Where the teacher has no mass the term is 0, even if x_t - x_s is NaN
         # (-inf - -inf) or -inf; `e_t == 0` (not `> 0`) keeps a NaN teacher NaN.
-        term = torch.where(e_t == 0, torch.zeros_like(e_t), e_t * (x_t - x_s))
-        return cls(m_s, e_s.sum(dim=1), m_t, e_t.sum(dim=1), term.sum(dim=1))
+        term.masked_fill_(e_t == 0, 0.0)
+        return cls(m_s, l_s, m_t, l_t, term.sum(dim=1))
 
     def merge(self, other: "_HeadStats") -> "_HeadStats":
         """Both states brought to the larger max (the online log-sum-exp)."""
@@ -247,16 +260,15 @@ class _HeadStats:
         ``coef`` is ``[rows, 1]`` or a scalar. A head without teacher mass gets 0;
         a student head without mass gets ``-coef * p_t`` (as the kernels do).
         """
-        no_teacher_mass = (self.l_t == 0).unsqueeze(1)
         log_l_s = torch.where(self.l_s == 0, torch.zeros_like(self.l_s), torch.log(self.l_s))
         log_l_t = torch.where(self.l_t == 0, torch.zeros_like(self.l_t), torch.log(self.l_t))
-        x_s = student.to(compute_dtype) / tau
-        x_t = teacher.to(compute_dtype) / tau
         # exp((x - shift) - log l), in that order, like log_softmax (no folded lse).
-        p_s = torch.exp((x_s - _shift(self.m_s).unsqueeze(1)) - log_l_s.unsqueeze(1))
-        p_t = torch.exp((x_t - _shift(self.m_t).unsqueeze(1)) - log_l_t.unsqueeze(1))
-        g = coef * (p_s - p_t)
-        return torch.where(no_teacher_mass, torch.zeros_like(g), g)
+        p_s = (student.to(compute_dtype) / tau).sub_(_shift(self.m_s).unsqueeze(1))
+        p_s = p_s.sub_(log_l_s.unsqueeze(1)).exp_()
+        p_t = (teacher.to(compute_dtype) / tau).sub_(_shift(self.m_t).unsqueeze(1))
+        p_t = p_t.sub_(log_l_t.unsqueeze(1)).exp_()
+        g = p_s.sub_(p_t).mul_(coef)
+        return g.masked_fill_((self.l_t == 0).unsqueeze(1), 0.0)
 
 
 # --------------------------------------------------------------------------------------
@@ -352,7 +364,7 @@ def run_chunks(
     """
     batch, dim = hidden.shape
     num_heads = len(head_sizes)
-    plan = plan_chunks(batch, dim, head_sizes, max_chunk_logits)
+    plan = plan_chunks(batch, dim, head_sizes, max_chunk_logits, hidden.device.type)
     dtype = hidden.dtype
     compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     per_row = reduction_scale is None
@@ -404,6 +416,7 @@ def run_chunks(
                 continue
             rel, taus, ws = group_tables[c0]
             loss, g = kernel(student, target, rel, taus, ws, kernel_reduction, compute_grad)
+            del student, target  # before the GEMMs: only g is chunk-sized from here on
             if per_row:
                 row_losses[r0:r1] += loss.to(compute_dtype)
             else:
@@ -412,7 +425,7 @@ def run_chunks(
                 if chunk_row_grad is not None:
                     g = g.mul_(chunk_row_grad)
                 grads.add_block(g, h, weight, r0, c0, c1, scale, first_row_chunk, hidden_accumulator)
-            del student, target, g
+            del g
 
         for head in split_heads:
             head_loss = loss_weights[head].to(compute_dtype) * stats[head].kl()
@@ -434,8 +447,9 @@ def run_chunks(
                     coef = coef * chunk_row_grad
                 g = stats[head].grad(student, target, temperatures[head].to(compute_dtype), coef,
                                      compute_dtype).to(dtype)
+                del student, target
                 grads.add_block(g, h, weight, r0, c0, c1, scale, first_row_chunk, hidden_accumulator)
-                del student, target, g
+                del g
         if hidden_accumulator is not None:
             grads.hidden[r0:r1] = hidden_accumulator
 

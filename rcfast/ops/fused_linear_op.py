@@ -55,7 +55,7 @@ from rcfast.ops.fused_linear_chunks import LinearTeacher, PackedTeacher, run_chu
 from rcfast.ops.kernel_contract import REDUCTION_CODES
 from rcfast.ops.reference import reduce_row_losses, reference_row_losses
 
-__all__ = ["QUALNAME", "fused_linear_multihead_kd", "reference_fused_linear_loss", "teacher_logits_of"]
+__all__ = ["QUALNAME", "OP_SCHEMA", "fused_linear_multihead_kd", "reference_fused_linear_loss", "teacher_logits_of"]
 
 QUALNAME = "rcfast::fused_linear_multihead_kd"
 _REDUCTION_NAMES = {code: name for name, code in REDUCTION_CODES.items()}
@@ -76,24 +76,24 @@ def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op(QUALNAME, mutates_args=())
-def fused_linear_multihead_kd(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    teacher_logits: Optional[torch.Tensor],
-    teacher_hidden: Optional[torch.Tensor],
-    teacher_weight: Optional[torch.Tensor],
-    teacher_bias: Optional[torch.Tensor],
-    head_sizes: list[int],
-    temperatures: torch.Tensor,
-    weights: torch.Tensor,
-    reduction: int,
-    compute_grads: list[bool],
-    row_grad: Optional[torch.Tensor],
-    max_chunk_logits: int,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+OP_SCHEMA = (
+    "fused_linear_multihead_kd(Tensor hidden, Tensor weight, Tensor? bias, Tensor? teacher_logits, "
+    "Tensor? teacher_hidden, Tensor? teacher_weight, Tensor? teacher_bias, int[] head_sizes, "
+    "Tensor temperatures, Tensor weights, int reduction, bool[] compute_grads, Tensor? row_grad, "
+    "int max_chunk_logits, str backend) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+# A fragment of the rcfast namespace (rcfast._C defines the rest). The op is
+# defined with the plain torch.library API rather than torch.library.custom_op,
+# whose kernels are wrapped to disable Dynamo: that imports torch._dynamo (2-7 s
+# here) on the first call, in every process that uses the loss.
+_LIBRARY = torch.library.Library("rcfast", "FRAGMENT")
+_LIBRARY.define(OP_SCHEMA)
+
+
+def _fused_linear_multihead_kd(hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight,
+                               teacher_bias, head_sizes, temperatures, weights, reduction, compute_grads,
+                               row_grad, max_chunk_logits, backend):
     if teacher_logits is not None:
         teacher = PackedTeacher(teacher_logits)
     else:
@@ -104,17 +104,18 @@ def fused_linear_multihead_kd(
         (compute_grads[0], compute_grads[1], compute_grads[2] and bias is not None),
         kernel_op(backend), row_grad=row_grad, max_chunk_logits=max_chunk_logits,
     )
-    empty = hidden.new_empty((0,))
-    # Outputs may not alias each other or the inputs: fresh empties where absent.
-    return (
-        result.loss,
-        result.grad_hidden if result.grad_hidden is not None else empty,
-        result.grad_weight if result.grad_weight is not None else hidden.new_empty((0,)),
-        result.grad_bias if result.grad_bias is not None else hidden.new_empty((0,)),
-    )
+    # Outputs may not alias each other or the inputs: a fresh empty tensor for each one absent.
+    return tuple(t if t is not None else hidden.new_empty((0,)) for t in
+                 (result.loss, result.grad_hidden, result.grad_weight, result.grad_bias))
 
 
-@fused_linear_multihead_kd.register_fake
+# One Python implementation for every device: the chunk loop runs torch ops and
+# the backend's kernel op, which dispatch on the tensors' device themselves.
+_LIBRARY.impl("fused_linear_multihead_kd", _fused_linear_multihead_kd, "CompositeExplicitAutograd")
+fused_linear_multihead_kd = torch.ops.rcfast.fused_linear_multihead_kd.default
+
+
+@torch.library.register_fake(QUALNAME)
 def _fake(hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias,
           head_sizes, temperatures, weights, reduction, compute_grads, row_grad, max_chunk_logits, backend):
     torch._check(hidden.dim() == 2, lambda: "hidden must be 2-D [B, D]")
@@ -236,4 +237,4 @@ def _backward(ctx, grad_loss, _grad_hidden, _grad_weight, _grad_bias):
     return tuple(result)
 
 
-fused_linear_multihead_kd.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd(QUALNAME, _backward, setup_context=_setup_context)
