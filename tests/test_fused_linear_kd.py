@@ -22,7 +22,9 @@ import torch.nn.functional as F
 
 import rcfast
 from rcfast.ops import fused_linear_op
-from rcfast.ops.fused_linear_chunks import MIN_CHUNK_LOGITS, SPLIT_ROWS, default_chunk_logits, plan_chunks
+from rcfast.ops.fused_linear_chunks import (
+    CPU_MIN_CHUNK_ROWS, MIN_CHUNK_LOGITS, SPLIT_ROWS, default_chunk_logits, plan_chunks,
+)
 from rcfast.ops.kernel_contract import REDUCTION_CODES
 
 FUSED_BACKENDS = [b for b in rcfast.available_backends() if b in ("cpu", "triton")]
@@ -586,10 +588,11 @@ def test_default_plans():
     assert plan_chunks(4096, 1024, (32000, 32000), device_type="cpu").rows == 4096 // 24
     assert plan_chunks(4096, 1024, (32000, 32000), device_type="cuda").rows == 4096 * 1024 // 64000
     assert plan_chunks(4096, 8192, (32000, 32000), device_type="cuda").rows == 4096 // 24  # the cap
-    plan = plan_chunks(4096, 1024, (1000, 100))  # small heads: the floor (the logits are small anyway)
-    assert plan.rows == MIN_CHUNK_LOGITS // 1100
-    assert plan_chunks(8, 4, (10,)).rows == 8  # tiny problems: one chunk (the floor)
-    assert default_chunk_logits(8, 4, 10) == MIN_CHUNK_LOGITS
+    # Floors: CPU_MIN_CHUNK_ROWS rows on CPUs, MIN_CHUNK_LOGITS logits on GPUs.
+    assert plan_chunks(1024, 1024, (32000, 32000), device_type="cpu").rows == CPU_MIN_CHUNK_ROWS
+    assert plan_chunks(64, 32, (100,), device_type="cuda").rows == 64
+    assert default_chunk_logits(8, 4, 10, "cuda") == MIN_CHUNK_LOGITS
+    assert plan_chunks(8, 4, (10,)).rows == 8  # tiny problems: one chunk
     huge = plan_chunks(4096, 1024, (10_000_000,), device_type="cuda")  # a row exceeds the budget: split
     assert huge.rows == SPLIT_ROWS and huge.splits_heads
 

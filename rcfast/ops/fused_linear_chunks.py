@@ -33,14 +33,19 @@ from typing import Callable, Optional, Sequence
 import torch
 
 __all__ = [
-    "MIN_CHUNK_LOGITS", "LOGITS_FRACTION", "SPLIT_ROWS", "ColumnGroup", "ChunkPlan", "default_chunk_logits",
+    "MIN_CHUNK_LOGITS", "CPU_MIN_CHUNK_ROWS", "CPU_MAX_FLOOR_LOGITS", "LOGITS_FRACTION", "SPLIT_ROWS", "ColumnGroup", "ChunkPlan", "default_chunk_logits",
     "plan_chunks", "PackedTeacher", "LinearTeacher", "TeacherBlocks", "ChunkResult",
     "run_chunks",
 ]
 
-# The smallest default budget (logits per chunk): below it GEMMs are too thin to
-# run at speed, and the memory saved is negligible anyway (1 MiB of float32).
+# The smallest default budget (logits per chunk) on GPUs: below it GEMMs are too
+# thin to run at speed, and the memory saved is negligible anyway (1 MiB of float32).
 MIN_CHUNK_LOGITS = 1 << 18
+
+# On CPUs: chunks of fewer rows make the GEMMs memory-bound (W and dW are streamed
+# once per chunk), unless that floor alone would hold more than 64 MiB of float32.
+CPU_MIN_CHUNK_ROWS = 128
+CPU_MAX_FLOOR_LOGITS = 1 << 24
 
 # A chunk holds at most this fraction of all the logits by default (three
 # chunk-sized buffers: 12.5 %).
@@ -92,14 +97,16 @@ def default_chunk_logits(batch: int, dim: int, num_classes: int, device_type: st
     buffers alive at once (the student's logits, their gradient and, for a
     teacher given as a linear layer, its logits) stay within 15 % of the
     logits. On GPUs, Liger-Kernel's heuristic within that: about the size of the
-    input activations (``B * D``: rows ~ ``B / ceil(N / D)``). On CPUs the cap
-    itself: every chunk streams ``W`` twice (logits and ``dh`` GEMMs) and
-    reads and writes all of ``dW``, so fewer, larger chunks are faster (see
-    docs/fused_linear.md). Never below :data:`MIN_CHUNK_LOGITS`.
+    input activations (``B * D``: rows ~ ``B / ceil(N / D)``), and at least
+    :data:`MIN_CHUNK_LOGITS`. On CPUs the cap itself: every chunk streams ``W``
+    twice (logits and ``dh`` GEMMs) and reads and writes all of ``dW``, so thin
+    chunks are memory-bound, and fewer, larger ones faster (docs/fused_linear.md);
+    at least :data:`CPU_MIN_CHUNK_ROWS` rows (up to :data:`CPU_MAX_FLOOR_LOGITS`).
     """
     memory_cap = -(-batch * num_classes // LOGITS_FRACTION)
-    budget = memory_cap if device_type == "cpu" else min(batch * dim, memory_cap)
-    return max(budget, MIN_CHUNK_LOGITS)
+    if device_type == "cpu":
+        return max(memory_cap, min(CPU_MIN_CHUNK_ROWS * num_classes, CPU_MAX_FLOOR_LOGITS))
+    return max(min(batch * dim, memory_cap), MIN_CHUNK_LOGITS)
 
 
 def plan_chunks(batch: int, dim: int, head_sizes: Sequence[int], max_chunk_logits: int = 0,
@@ -301,6 +308,10 @@ class _Gradients:
                                  if need_bias else None)
         self.bias_dtype = None if bias is None else bias.dtype
         self.accumulate_dtype = accumulate_dtype
+        # ATen's fallback GEMM for bfloat16/float16 (CPUs without native half-precision
+        # BLAS, e.g. AVX2) runs ``g @ W`` at ~0.5 GFLOP/s with g row-major but ~20
+        # with g column-major: a transposed copy of the chunk's g (chunk-sized) pays.
+        self.column_major_dh = hidden.device.type == "cpu" and hidden.dtype in (torch.bfloat16, torch.float16)
 
     @property
     def any(self) -> bool:
@@ -314,11 +325,13 @@ class _Gradients:
         before it is rounded to a half-precision dtype.
         """
         if self.hidden is not None:
+            g_dh = g.t().contiguous().t() if self.column_major_dh else g
             if hidden_accumulator is None:  # the chunk's only group: write dh directly
                 out = self.hidden[r0:r0 + g.shape[0]]
-                torch.addmm(out, g, weight[c0:c1], beta=0, alpha=scale, out=out)
+                torch.addmm(out, g_dh, weight[c0:c1], beta=0, alpha=scale, out=out)
             else:
-                hidden_accumulator.add_(torch.mm(g, weight[c0:c1]), alpha=scale)
+                hidden_accumulator.add_(torch.mm(g_dh, weight[c0:c1]), alpha=scale)
+            del g_dh
         if self.weight is not None:
             out = self.weight[c0:c1]
             # beta=0: the first row chunk writes (the buffer is uninitialised), the others add.
