@@ -303,7 +303,6 @@ class _Gradients:
         # dW is written by mm(out=) for the first row chunk and addmm_'d for the
         # others (no zero-fill pass over a dW-sized buffer).
         self.weight = torch.empty_like(weight) if need_weight else None
-        self.weight_started = False
         self.bias_accumulator = (torch.zeros(bias.shape[0], dtype=accumulate_dtype, device=bias.device)
                                  if need_bias else None)
         self.bias_dtype = None if bias is None else bias.dtype
@@ -317,7 +316,7 @@ class _Gradients:
     def any(self) -> bool:
         return self.hidden is not None or self.weight is not None or self.bias_accumulator is not None
 
-    def add_block(self, g, h, weight, r0, c0, c1, scale, first_row_chunk, hidden_accumulator):
+    def add_block(self, g, *, h, weight, r0, c0, c1, scale, first_row_chunk, hidden_accumulator):
         """Fold ``scale * g``, ``g = dL/d logits[r0:r0+R, c0:c1]`` unscaled, into dh, dW and db.
 
         The reduction's scale (1/B, ...) is the GEMMs' ``alpha``, a double: exact
@@ -375,97 +374,108 @@ def run_chunks(
             ``[B]``: the gradients are then those of ``sum(row_grad * loss)``.
         max_chunk_logits: the chunk budget (0: the default, :func:`plan_chunks`).
     """
-    batch, dim = hidden.shape
-    num_heads = len(head_sizes)
-    plan = plan_chunks(batch, dim, head_sizes, max_chunk_logits, hidden.device.type)
-    dtype = hidden.dtype
-    compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    per_row = reduction_scale is None
-    scale = 1.0 if per_row else float(reduction_scale)
-    offsets = [0]
-    for size in head_sizes:
-        offsets.append(offsets[-1] + size)
-    grads = _Gradients(hidden, weight, bias, needs, compute_dtype)
-    compute_grad = grads.any
-    if row_grad is not None and not per_row:
+    if row_grad is not None and reduction_scale is not None:
         raise ValueError("row_grad goes with per-row losses (reduction 'none')")
-    kernel_reduction = _NONE if per_row else _SUM
+    loop = _ChunkLoop(hidden, weight, bias, teacher, head_sizes, temperatures, weights, reduction_scale,
+                      _Gradients(hidden, weight, bias, needs, _compute_dtype(hidden.dtype)), kernel,
+                      plan_chunks(hidden.shape[0], hidden.shape[1], head_sizes, max_chunk_logits,
+                                  hidden.device.type))
+    for r0 in range(0, hidden.shape[0], loop.plan.rows):
+        loop.run_rows(r0, min(r0 + loop.plan.rows, hidden.shape[0]), row_grad)
+    grad_hidden, grad_weight, grad_bias = loop.grads.finish()
+    return ChunkResult(loop.loss(), grad_hidden, grad_weight, grad_bias)
 
-    # Small per-group tables for the kernel, built once per call.
-    group_tables = {}
-    for group in plan.groups:
-        if group.split_head is None:
-            rel = torch.tensor([offsets[h] - group.begin for h in group.heads] + [group.end - group.begin],
-                               dtype=torch.int64, device=hidden.device)
-            idx = torch.tensor(group.heads, dtype=torch.int64, device=hidden.device)
-            group_tables[group.begin] = (rel, temperatures[idx].contiguous(), weights[idx].contiguous())
-    split_heads = sorted({g.split_head for g in plan.groups if g.split_head is not None})
-    # Per head: the gradient's w * tau and the loss's w * tau^2 (the scale comes later).
-    coefs = weights * temperatures
-    loss_weights = weights * temperatures * temperatures
 
-    row_losses = torch.zeros(batch, dtype=compute_dtype, device=hidden.device) if per_row else None
-    total = torch.zeros((), dtype=compute_dtype, device=hidden.device)
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
-    for r0 in range(0, batch, plan.rows):
-        r1 = min(r0 + plan.rows, batch)
-        h = hidden[r0:r1]
-        first_row_chunk = r0 == 0
-        chunk_row_grad = None if row_grad is None else row_grad[r0:r1].to(compute_dtype).unsqueeze(1)
-        hidden_accumulator = None
-        if grads.hidden is not None and len(plan.groups) > 1:
-            hidden_accumulator = torch.zeros((r1 - r0, dim), dtype=compute_dtype, device=hidden.device)
-        stats: dict[int, _HeadStats] = {}
 
+class _ChunkLoop:
+    """The state of one call: the plan, per-group kernel tables, the loss so far, the gradients."""
+
+    def __init__(self, hidden, weight, bias, teacher, head_sizes, temperatures, weights, reduction_scale,
+                 grads: _Gradients, kernel, plan: ChunkPlan):
+        self.hidden, self.weight, self.bias, self.teacher = hidden, weight, bias, teacher
+        self.temperatures, self.grads, self.kernel, self.plan = temperatures, grads, kernel, plan
+        self.dtype = hidden.dtype
+        self.compute_dtype = _compute_dtype(hidden.dtype)
+        self.per_row = reduction_scale is None
+        self.scale = 1.0 if self.per_row else float(reduction_scale)
+        self.kernel_reduction = _NONE if self.per_row else _SUM
+        device = hidden.device
+        offsets = [0]
+        for size in head_sizes:
+            offsets.append(offsets[-1] + size)
+        # The kernel's small tables for each group of whole heads, built once per call.
+        self.group_tables = {}
         for group in plan.groups:
+            if group.split_head is None:
+                relative = [offsets[h] - group.begin for h in group.heads] + [group.end - group.begin]
+                heads = torch.tensor(group.heads, dtype=torch.int64, device=device)
+                self.group_tables[group.begin] = (torch.tensor(relative, dtype=torch.int64, device=device),
+                                                  temperatures[heads].contiguous(), weights[heads].contiguous())
+        self.split_heads = sorted({g.split_head for g in plan.groups if g.split_head is not None})
+        # Per head: the gradient's w * tau and the loss's w * tau^2 (the scale is applied later).
+        self.coefs = weights * temperatures
+        self.loss_weights = weights * temperatures * temperatures
+        self.row_losses = torch.zeros(hidden.shape[0], dtype=self.compute_dtype, device=device)
+        self.total = torch.zeros((), dtype=self.compute_dtype, device=device)
+
+    def loss(self) -> torch.Tensor:
+        return self.row_losses if self.per_row else self.total * self.scale
+
+    def _add_loss(self, r0, r1, loss):
+        if self.per_row:
+            self.row_losses[r0:r1] += loss.to(self.compute_dtype)
+        else:
+            self.total += loss.sum().to(self.compute_dtype)
+
+    def run_rows(self, r0: int, r1: int, row_grad: Optional[torch.Tensor]) -> None:
+        """Loss and gradients of rows ``r0:r1``: every column group, then the split heads."""
+        h = self.hidden[r0:r1]
+        chunk_row_grad = None if row_grad is None else row_grad[r0:r1].to(self.compute_dtype).unsqueeze(1)
+        hidden_accumulator = None  # with several groups a chunk's dh is a float32 sum over them
+        if self.grads.hidden is not None and len(self.plan.groups) > 1:
+            hidden_accumulator = torch.zeros((r1 - r0, h.shape[1]), dtype=self.compute_dtype, device=h.device)
+        fold = dict(h=h, weight=self.weight, r0=r0, scale=self.scale, first_row_chunk=r0 == 0,
+                    hidden_accumulator=hidden_accumulator)
+        stats: dict[int, _HeadStats] = {}
+        for group in self.plan.groups:
             c0, c1 = group.begin, group.end
-            student = _linear_block(h, weight, bias, c0, c1)
-            target = teacher.block(r0, r1, c0, c1, dtype)
+            student = _linear_block(h, self.weight, self.bias, c0, c1)
+            target = self.teacher.block(r0, r1, c0, c1, self.dtype)
             if group.split_head is not None:
-                tau = temperatures[group.split_head].to(compute_dtype)
-                block_stats = _HeadStats.of_block(student, target, tau, compute_dtype)
                 head = group.split_head
-                stats[head] = block_stats if head not in stats else stats[head].merge(block_stats)
+                block = _HeadStats.of_block(student, target, self.temperatures[head].to(self.compute_dtype),
+                                            self.compute_dtype)
+                stats[head] = block if head not in stats else stats[head].merge(block)
                 continue
-            rel, taus, ws = group_tables[c0]
-            loss, g = kernel(student, target, rel, taus, ws, kernel_reduction, compute_grad)
+            loss, g = self.kernel(student, target, *self.group_tables[c0], self.kernel_reduction, self.grads.any)
             del student, target  # before the GEMMs: only g is chunk-sized from here on
-            if per_row:
-                row_losses[r0:r1] += loss.to(compute_dtype)
-            else:
-                total += loss.to(compute_dtype)
-            if compute_grad:
+            self._add_loss(r0, r1, loss)
+            if self.grads.any:
                 if chunk_row_grad is not None:
                     g = g.mul_(chunk_row_grad)
-                grads.add_block(g, h, weight, r0, c0, c1, scale, first_row_chunk, hidden_accumulator)
+                self.grads.add_block(g, c0=c0, c1=c1, **fold)
             del g
 
-        for head in split_heads:
-            head_loss = loss_weights[head].to(compute_dtype) * stats[head].kl()
-            if per_row:
-                row_losses[r0:r1] += head_loss
-            else:
-                total += head_loss.sum()
-        if compute_grad and split_heads:
+        for head in self.split_heads:
+            self._add_loss(r0, r1, self.loss_weights[head].to(self.compute_dtype) * stats[head].kl())
+        if self.grads.any and self.split_heads:
             # The split heads' statistics are final: their blocks again, for the gradient.
-            for group in plan.groups:
+            for group in self.plan.groups:
                 if group.split_head is None:
                     continue
-                c0, c1 = group.begin, group.end
-                head = group.split_head
-                student = _linear_block(h, weight, bias, c0, c1)
-                target = teacher.block(r0, r1, c0, c1, dtype)
-                coef = coefs[head].to(compute_dtype)
+                c0, c1, head = group.begin, group.end, group.split_head
+                student = _linear_block(h, self.weight, self.bias, c0, c1)
+                target = self.teacher.block(r0, r1, c0, c1, self.dtype)
+                coef = self.coefs[head].to(self.compute_dtype)
                 if chunk_row_grad is not None:
                     coef = coef * chunk_row_grad
-                g = stats[head].grad(student, target, temperatures[head].to(compute_dtype), coef,
-                                     compute_dtype).to(dtype)
+                g = stats[head].grad(student, target, self.temperatures[head].to(self.compute_dtype), coef,
+                                     self.compute_dtype).to(self.dtype)
                 del student, target
-                grads.add_block(g, h, weight, r0, c0, c1, scale, first_row_chunk, hidden_accumulator)
+                self.grads.add_block(g, c0=c0, c1=c1, **fold)
                 del g
         if hidden_accumulator is not None:
-            grads.hidden[r0:r1] = hidden_accumulator
-
-    grad_hidden, grad_weight, grad_bias = grads.finish()
-    loss = row_losses if per_row else total * scale
-    return ChunkResult(loss, grad_hidden, grad_weight, grad_bias)
+            self.grads.hidden[r0:r1] = hidden_accumulator
