@@ -32,9 +32,11 @@ estimated (from this machine's GEMM rates for torch's three GEMM layouts, timed
 in the parent) to take longer than ``--max-step-s``; the report says which and why.
 
 GPU (``--device cuda``, not runnable on a CPU-only machine): the same steps with
-``backend="auto"`` (Triton), CUDA-event timing, ``torch.cuda.max_memory_allocated``,
-and Liger-Kernel's fused linear JSD (forward KL, beta = 0; the teacher as its
-last linear layer) when ``liger_kernel`` is installed.
+``backend="auto"`` (Triton), synchronised timing, ``torch.cuda.max_memory_allocated``,
+plus, with the teacher as its last linear layer (no teacher logits at all), the
+fused op (``fused_teacher_linear``) and Liger-Kernel's fused linear JSD with
+beta = 0 (forward KL(p_t || p_s), one temperature, no tau**2) when
+``liger_kernel`` is installed.
 
     python bench/bench_fused_linear.py [--quick] [--steps 2] [--cases NAME ...] [--out FILE]
 """
@@ -65,7 +67,10 @@ from bench_kd_loss import _fmt_bytes, _load, eager_kd_loss, peak_extra_bytes  # 
 NUM_THREADS = 2
 TEMPERATURE = 4.0
 CONTENDERS = ("fused", "materialised", "eager", "compile")
-GPU_CONTENDERS = CONTENDERS + ("liger_jsd",)
+# On a GPU also the teacher as its last linear layer (no teacher logits at all), for a
+# like-for-like comparison with Liger's fused linear JSD, which takes it that way.
+TEACHER_LINEAR_CONTENDERS = ("fused_teacher_linear", "liger_jsd")
+GPU_CONTENDERS = CONTENDERS + TEACHER_LINEAR_CONTENDERS
 MEMORY_TARGET_FRACTION = 0.15
 
 
@@ -148,6 +153,9 @@ def loss_fn(contender: str, case: Case, device: str):
     if contender == "fused":
         return lambda h, w, t, th, tw: rcfast.fused_linear_multihead_kd_loss(
             h, w, t, splits=splits, temperature=TEMPERATURE, backend=backend)
+    if contender == "fused_teacher_linear":
+        return lambda h, w, t, th, tw: rcfast.fused_linear_multihead_kd_loss(
+            h, w, (th, tw), splits=splits, temperature=TEMPERATURE, backend=backend)
     if contender == "materialised":
         return lambda h, w, t, th, tw: rcfast.multihead_kd_loss(
             F.linear(h, w), t, splits=splits, temperature=TEMPERATURE, backend=backend)
@@ -175,10 +183,11 @@ def run_worker(case: Case, contender: str, steps: int, device: str) -> dict:
     """One contender on one case, in this (fresh) process."""
     torch.set_num_threads(NUM_THREADS)
     hidden, weight, teacher_hidden, teacher_weight = make_inputs(case, device)
-    with torch.no_grad():
-        teacher = F.linear(teacher_hidden, teacher_weight)
-    if contender != "liger_jsd":
-        del teacher_hidden, teacher_weight  # not inputs of this step
+    if contender in TEACHER_LINEAR_CONTENDERS:
+        teacher = None
+    else:  # the teacher's logits are the input; its linear layer is not
+        with torch.no_grad():
+            teacher = F.linear(teacher_hidden, teacher_weight)
         teacher_hidden = teacher_weight = None
     rss_inputs = _rss_bytes()
     fn = loss_fn(contender, case, device)
@@ -220,7 +229,8 @@ def run_worker(case: Case, contender: str, steps: int, device: str) -> dict:
 # --------------------------------------------------------------------------- the parent
 
 # Peak bytes beyond the inputs, in logits' sizes, for the memory guard (generous).
-ESTIMATED_PEAK_LOGITS = {"fused": 0.3, "materialised": 3.5, "eager": 8.0, "compile": 5.0, "liger_jsd": 1.0}
+ESTIMATED_PEAK_LOGITS = {"fused": 0.3, "materialised": 3.5, "eager": 8.0, "compile": 5.0,
+                         "fused_teacher_linear": 0.3, "liger_jsd": 1.0}
 
 
 def mem_available_bytes() -> int:
@@ -362,6 +372,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="report file (default bench/results/fused_linear_<device>[_quick].md); "
                         "the raw results go next to it as .json")
     parser.add_argument("--report-only", action="store_true", help="re-render the report from the .json of a run")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the measured results of the .json (written after every measurement) "
+                             "and run only the missing ones")
     parser.add_argument("--worker", nargs=2, metavar=("CASE", "CONTENDER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.steps = args.steps or (3 if args.quick else 1)
@@ -402,8 +415,20 @@ def main(argv=None) -> int:
             if key not in rates:
                 rates[key] = gemm_rates(case.dtype, case.dim)
     results = []
+    if args.resume and os.path.exists(raw_path):
+        with open(raw_path) as f:
+            results = [r for r in json.load(f)["results"] if "skipped" not in r]
+    done = {(r["case"], r["contender"]) for r in results}
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+
+    def save():  # after every measurement: an interrupted run loses nothing
+        _write_atomically(raw_path, json.dumps(dict(cases=list(cases), results=results, load_before=load_before,
+                                                    load_after=_load(), rates=rates), indent=1))
+
     for case in cases.values():
         for contender in contenders:
+            if (case.name, contender) in done:
+                continue
             need = case.input_bytes + ESTIMATED_PEAK_LOGITS[contender] * case.logits_bytes + case.grad_bytes
             available = mem_available_bytes()
             estimate = (estimated_step_s(case, rates[f"{case.dtype_name} D={case.dim}"])
@@ -419,12 +444,10 @@ def main(argv=None) -> int:
                 print(f"{case.name} {contender} (estimated GEMM time {estimate:.0f} s/step)...", flush=True)
                 result = run_in_subprocess(case, contender, args.steps, args.device, timeout)
             results.append(result)
+            save()
             print("  " + json.dumps(result), flush=True)
-    load_after = _load()
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    _write_atomically(raw_path, json.dumps(dict(cases=list(cases), results=results, load_before=load_before,
-                                                load_after=load_after, rates=rates), indent=1))
-    report = format_report(list(cases.values()), results, args, load_before, load_after, rates)
+    save()
+    report = format_report(list(cases.values()), results, args, load_before, _load(), rates)
     _write_atomically(out, report)
     print(report)
     return 0
