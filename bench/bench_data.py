@@ -167,12 +167,15 @@ def run_variant(variant: str, folder: str, epochs: int) -> dict:
         iterable = ProxyImages(folder, image_size=SIZE, batch_size=BATCH, augment="rrc_flip",
                                backend=variant.split("_")[1], num_threads=WORKERS, device="cpu")
 
-    loader = iterable if variant == "pil_torchvision" else getattr(getattr(iterable, "_runner", None), "_loader", None)
-
     def worker_pids():
-        # DataLoader workers (the baseline forks them; rcfast's PIL backend
-        # starts them from a fork server, so they are not our children and
-        # RUSAGE_CHILDREN would miss them): read their usage from /proc.
+        # DataLoader workers (forked children, alive until the end, so
+        # RUSAGE_CHILDREN, which counts reaped children only, would miss
+        # them): read their usage from /proc. rcfast's PIL backend creates its
+        # loader on the first iteration, hence the lookup here.
+        if variant == "pil_torchvision":
+            loader = iterable
+        else:
+            loader = getattr(getattr(iterable, "_runner", None), "_loader", None)
         it = getattr(loader, "_iterator", None)
         return [w.pid for w in getattr(it, "_workers", [])]
 
@@ -211,10 +214,12 @@ Notes:
   2-core development machine is shared); CPU ms / image (user + sys of the
   process and its DataLoader workers, read from /proc) is what a pipeline costs
   and is the steadier figure.
-- `rcfast_dali` on a CPU: DALI decodes only each crop box (`fn.decoders.image_slice`),
-  torch's uint8 antialiased bilinear resize finishes the images (DALI's CPU
-  `fn.resize` cost ~2 ms/image here, more than the decode); it matches PIL to
-  one grey level. `dali_reader` is the plain all-DALI graph for comparison.
+- `rcfast_dali` on a CPU: one DALI pipeline for the whole run (it runs on
+  into the next epoch instead of draining and being rebuilt per epoch); DALI
+  decodes only each crop box (`fn.decoders.image_slice`), torch's uint8
+  antialiased bilinear resize finishes the images (DALI's CPU `fn.resize` cost
+  ~2 ms/image here, more than the decode); it matches PIL to one grey level.
+  `dali_reader` is the plain all-DALI graph for comparison.
 - Peak RSS: DALI's libraries and buffers live in the main process; the PIL
   variants add one process per worker (shared library pages are counted in
   each worker's RSS).

@@ -67,11 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _consolidate(args) -> int:
     from rcfast.train import Consolidator, dump_config, load_config
+    from rcfast.train.runtime import apply_runtime
 
     config = load_config(args.config, args.overrides)
     if args.print_config:
         print(dump_config(config), end="")
         return 0
+    # This command owns the process: threads, determinism and seeds are set here,
+    # before any model touches a device (cuBLAS reads its workspace setting once).
+    apply_runtime(config.train)
     trainer = Consolidator.from_config(config)
     try:
         summary = trainer.fit()
@@ -156,14 +160,13 @@ def _bench(args) -> int:
 
 
 def _demo(args) -> int:
-    import torch
-
     from rcfast.train.demo import run_demo
+    from rcfast.train.runtime import RuntimeSettings, apply_runtime
 
     if args.threads is not None:
         if args.threads <= 0:
             raise CliError(f"--threads must be > 0, got {args.threads}")
-        torch.set_num_threads(args.threads)
+        apply_runtime(RuntimeSettings(num_threads=args.threads))
     results = run_demo(args.out, quick=args.quick)
     out = Path(args.out).resolve()
     print()

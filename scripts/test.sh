@@ -8,4 +8,4 @@ bash scripts/setup_env.sh
 if command -v nvcc >/dev/null 2>&1 && compgen -G "csrc/cuda/*.cu" >/dev/null; then
   bash scripts/check_cuda_compiles.sh
 fi
-.venv/bin/python -m pytest -q tests "$@"
+.venv/bin/python -m pytest -q --durations=15 tests "$@"

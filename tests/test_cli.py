@@ -16,8 +16,9 @@ from PIL import Image
 
 from rcfast import cli
 from rcfast.models import build_classifier
-from rcfast.train import ConfigError, RunConfig, TeacherConfig, config_to_dict, dump_config, load_config
-from rcfast.train.config import DataConfig, TaskConfig, TrainConfig
+from rcfast.train import (ConfigError, Consolidator, RunConfig, TeacherConfig, config_from_dict, config_to_dict,
+                          dump_config, load_config)
+from rcfast.train.config import DataConfig, StudentConfig, TaskConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO / "configs").glob("*.yaml"))
@@ -37,11 +38,15 @@ def test_example_configs_round_trip(path, tmp_path):
 
 def test_yaml_dataclass_yaml_round_trip_of_every_field(tmp_path):
     config = RunConfig(
-        teachers=[TeacherConfig(name="a", builder="small_cnn", checkpoint="a.pt", num_classes=5, temperature=2.0,
-                                weight=0.5, builder_kwargs={"width": 8}, generalist=True)],
+        student=StudentConfig(backbone="small_cnn", heads={"a": 5, "t": 3}, init_from="init.pt"),
+        teachers=[TeacherConfig(name="a", builder="small_cnn", checkpoint="a.pt", num_classes=5,
+                                builder_kwargs={"width": 8}, generalist=True)],
         data=DataConfig(source="proxy", image_size=32, batch_size=16, shuffle=True, labels=True),
-        tasks=[TaskConfig(name="t", source="t/train", num_classes=3, weight=2.0)],
-        train=TrainConfig(max_steps=7, precision="bf16", num_threads=1, ce_weight=0.1, ce_head="a"))
+        tasks=[TaskConfig(name="t", source="t/train", num_classes=3)],
+        objective=[{"term": "multihead_kd", "heads": ["a"], "temperature": 2.0},
+                   {"term": "cross_entropy", "head": "a", "weight": 0.1, "data": "proxy"},
+                   {"term": "cross_entropy", "head": "t", "weight": 2.0}],
+        train=TrainConfig(max_steps=7, precision="bf16", num_threads=1))
     config.optim.clip_grad_norm = None
     path = tmp_path / "run.yaml"
     dump_config(config, path)
@@ -61,7 +66,7 @@ def _minimal(tmp_path: Path, **teacher) -> dict:
              "builder_kwargs": {"width": 4}}
     entry.update(teacher)
     return {"teachers": [entry], "data": {"source": str(tmp_path), "image_size": 16, "batch_size": 4},
-            "student": {"backbone_kwargs": {"width": 4}},
+            "student": {"backbone_kwargs": {"width": 4}}, "objective": [{"term": "multihead_kd"}],
             "train": {"max_steps": 1, "out_dir": str(tmp_path / "out"), "progress": False}}
 
 
@@ -86,9 +91,9 @@ def test_bad_config_keys_and_values_are_named(tmp_path, where, patch, message):
 def test_set_overrides_and_print_config(tmp_path, capsys):
     path = _write(tmp_path, _minimal(tmp_path))
     assert cli.main(["consolidate", "--config", str(path), "--set", "train.max_steps=42",
-                     "--set", "teachers.0.temperature=2.5", "--print-config"]) == 0
+                     "--set", "objective.0.temperature=2.5", "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["train"]["max_steps"] == 42 and printed["teachers"][0]["temperature"] == 2.5
+    assert printed["train"]["max_steps"] == 42 and printed["objective"][0]["temperature"] == 2.5
     assert cli.main(["consolidate", "--config", str(path), "--set", "train.nope=1"]) == 2
     assert "unknown config key train.nope" in capsys.readouterr().err
     assert cli.main(["consolidate", "--config", str(path), "--set", "teachers.3.weight=1"]) == 2
@@ -148,8 +153,8 @@ def test_cli_trains_a_teacher_distils_a_student_and_evaluates_it(tmp_path, capsy
     data = {"image_size": 16, "batch_size": 8, "augment": "none", "shuffle": True, "backend": "pil",
             "num_threads": 0}
     teacher_cfg = dict(common, tasks=[{"name": "colours", "source": str(teacher_data), "num_classes": 3}],
-                       data=data, train={"mode": "supervised", "max_steps": 3, "progress": False,
-                                         "out_dir": str(tmp_path / "teacher")})
+                       objective=[{"term": "cross_entropy"}],
+                       data=data, train={"max_steps": 3, "progress": False, "out_dir": str(tmp_path / "teacher")})
     path = tmp_path / "teacher.yaml"
     path.write_text(yaml.safe_dump(teacher_cfg))
     # The module entry point, as `python -m rcfast.cli` (the console script calls the same main()).
@@ -160,10 +165,22 @@ def test_cli_trains_a_teacher_distils_a_student_and_evaluates_it(tmp_path, capsy
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout)["steps"] == 3
 
+    # student.init_from: the student's backbone starts as the teacher's (its classifier dropped)
+    init_cfg = dict(common, student=dict(common["student"], heads={"other": 4},
+                                         init_from=str(tmp_path / "teacher" / "final.pt")),
+                    tasks=teacher_cfg["tasks"], data=data, objective=[{"term": "cross_entropy", "head": "other",
+                                                                      "data": "colours"}],
+                    train={"max_steps": 1, "progress": False, "out_dir": str(tmp_path / "init")})
+    initialised = Consolidator.from_config(config_from_dict(init_cfg))
+    teacher_state = torch.load(tmp_path / "teacher" / "final.pt", weights_only=True)["model"]
+    for key, value in initialised.student.backbone.state_dict().items():
+        assert torch.equal(value, teacher_state["backbone." + key]), key
+    assert initialised.student.head_names == ("other",)
+
     student_cfg = dict(common, teachers=[{"name": "colours", "builder": "small_cnn", "num_classes": 3,
                                           "builder_kwargs": {"width": 4},
                                           "checkpoint": str(tmp_path / "teacher" / "final.pt")}],
-                       data=dict(data, source=str(proxy)),
+                       data=dict(data, source=str(proxy)), objective=[{"term": "multihead_kd"}],
                        train={"max_steps": 3, "progress": False, "out_dir": str(tmp_path / "student")})
     path = tmp_path / "student.yaml"
     path.write_text(yaml.safe_dump(student_cfg))
@@ -176,6 +193,17 @@ def test_cli_trains_a_teacher_distils_a_student_and_evaluates_it(tmp_path, capsy
     assert 0.0 <= result["linear_probe"] <= 1.0
     assert json.loads((tmp_path / "eval.json").read_text()) == result
     assert cli.main(["eval", "--checkpoint", str(tmp_path / "nope.pt"), "--data", str(task)]) == 2
+
+
+def test_an_old_form_config_is_a_one_line_error_saying_how_to_write_it(tmp_path, capsys):
+    data = _minimal(tmp_path, temperature=2.0)
+    del data["objective"]
+    data["train"]["mode"] = "distill"
+    assert cli.main(["consolidate", "--config", str(_write(tmp_path, data))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rcfast: error: ") and err.count("\n") == 1, err
+    assert "old form (train.mode, teachers[0].temperature)" in err
+    assert err.rstrip().endswith("write instead: objective: [{term: multihead_kd, temperature: 2.0}]"), err
 
 
 def test_bench_without_the_script_is_a_clear_error(monkeypatch, tmp_path, capsys):

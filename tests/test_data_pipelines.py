@@ -302,3 +302,122 @@ def test_pil_iteration_does_not_draw_on_the_global_rng(mixed_folder):
     for _ in ds:
         pass
     assert torch.equal(torch.get_rng_state(), state)
+
+
+# ------------------------------------------------ one pipeline across epochs
+def _run(ds, epochs):
+    """All batches of `epochs` epochs from the dataset's current position, as (x, y) pairs."""
+    return [(x.clone(), y.clone()) for _ in range(epochs) for x, y in ds]
+
+
+def _assert_same_batches(got, expected):
+    assert len(got) == len(expected)
+    for (x, y), (x_ref, y_ref) in zip(got, expected):
+        assert torch.equal(y, y_ref) and torch.equal(x, x_ref)  # bitwise
+
+
+DALI_MODES = [pytest.param("rrc_flip", id="torch-finish"), pytest.param("center", id="dali-graph")]
+
+
+@pytest.mark.parametrize("augment", DALI_MODES)
+def test_one_dali_pipeline_serves_every_epoch(id_listing, augment, monkeypatch):
+    """The pipeline is built once for the run, not once per epoch (issue 13 item 3), with the same batches."""
+    pytest.importorskip("nvidia.dali")
+    from rcfast.data import dali_pipeline
+    builds = []
+    real_build = dali_pipeline.DaliBatches._build
+    monkeypatch.setattr(dali_pipeline.DaliBatches, "_build", lambda self, feed: (builds.append(1), real_build(self, feed))[1])
+    kwargs = dict(image_size=20, batch_size=5, labels=True, seed=4, backend="dali", augment=augment, num_threads=2)
+    ds = ProxyImages(id_listing, **kwargs)
+    long_run = _run(ds, epochs=3)
+    assert len(builds) == 1 and ds.epoch == 3
+    per_epoch = []
+    for epoch in range(3):  # a fresh dataset (and pipeline) per epoch: the old behaviour
+        fresh = ProxyImages(id_listing, **kwargs)
+        fresh.set_epoch(epoch)
+        per_epoch += _run(fresh, epochs=1)
+        fresh.close()
+    _assert_same_batches(long_run, per_epoch)
+    ds.close()
+
+
+@pytest.mark.parametrize("backend,augment", [("pil", "rrc_flip"), ("dali", "rrc_flip"), ("dali", "center")])
+@pytest.mark.parametrize("stop", [(0, 1), (1, 3), (1, 5), (2, 0)], ids=["epoch0-batch1", "mid-epoch",
+                                                                     "holding-the-last-batch", "epoch-boundary"])
+def test_resume_anywhere_matches_an_uninterrupted_run(id_listing, backend, augment, stop):
+    """Checkpoint while holding batch k of epoch e (k = 0 and e > 0: right after an epoch ended);
+    a new dataset resumed from it yields bitwise the rest of the uninterrupted run, across epochs."""
+    _need(backend)
+    kwargs = dict(image_size=16, batch_size=4, labels=True, seed=9, backend=backend, augment=augment,
+                  num_threads=2)
+    uninterrupted = _run(ProxyImages(id_listing, **kwargs), epochs=3)  # 6 batches per epoch
+    epoch, k = stop
+    stopped = ProxyImages(id_listing, **kwargs)
+    seen = 0
+    if k == 0:  # the previous epoch ran to its end
+        _run(stopped, epochs=epoch)
+        state, seen = stopped.state_dict(), 6 * epoch
+        assert state["epoch"] == epoch and state["batches_consumed"] == 0
+    else:
+        for _ in range(epoch):
+            seen += len(_run(stopped, epochs=1))
+        for j, _ in enumerate(stopped):
+            seen += 1
+            if j == k:
+                state = stopped.state_dict()
+                break
+        assert state == {**state, "epoch": epoch, "batches_consumed": k + 1}
+    stopped.close()
+    resumed = ProxyImages(id_listing, **kwargs)
+    resumed.load_state_dict(state)
+    rest = _run(resumed, epochs=3 - epoch)
+    _assert_same_batches(rest, uninterrupted[seen:])
+    resumed.close()
+
+
+@pytest.mark.parametrize("backend,augment", [("pil", "rrc_flip"), ("dali", "rrc_flip"), ("dali", "center")])
+def test_breaking_off_and_jumping_keep_the_batches_exact(id_listing, backend, augment):
+    """Abandoned iterators, set_epoch jumps and load_state_dict rewinds with work in flight."""
+    _need(backend)
+    kwargs = dict(image_size=16, batch_size=4, labels=True, seed=2, backend=backend, augment=augment,
+                  num_threads=2)
+    reference = _run(ProxyImages(id_listing, **kwargs), epochs=4)  # epochs 0..3, 6 batches each
+    ds = ProxyImages(id_listing, **kwargs)
+    got = []
+    for j, (x, y) in enumerate(ds):  # break off after 2 batches: the pipeline has more in flight
+        got.append((x.clone(), y.clone()))
+        if j == 1:
+            break
+    got += _run(ds, epochs=1)  # the same object continues where it stopped
+    _assert_same_batches(got, reference[:6])
+    ds.set_epoch(3)  # jump: the epoch-1 batches in flight are dropped
+    _assert_same_batches(_run(ds, epochs=1), reference[18:24])
+    ds.load_state_dict({"epoch": 1, "batches_consumed": 4})  # and back
+    _assert_same_batches(_run(ds, epochs=2), reference[10:18])
+    ds.close()
+    _assert_same_batches(_run(ds, epochs=1), reference[18:24])  # a closed dataset starts again
+    ds.close()
+
+
+@pytest.mark.parametrize("augment", DALI_MODES)
+def test_a_failed_dali_pipeline_is_replaced_on_the_next_iteration(tmp_path, mixed_folder, augment):
+    pytest.importorskip("nvidia.dali")
+    import shutil
+    folder = tmp_path / "copy"
+    shutil.copytree(mixed_folder, folder)
+    kwargs = dict(image_size=16, batch_size=4, backend="dali", shuffle=False, augment=augment, num_threads=1)
+    reference = _run_images(ProxyImages(folder, **kwargs))
+    ds = ProxyImages(folder, **kwargs)
+    saved = (folder / "img05.jpg").read_bytes()
+    (folder / "img05.jpg").unlink()
+    with pytest.raises((OSError, RuntimeError), match="img05"):
+        list(ds)
+    (folder / "img05.jpg").write_bytes(saved)
+    ds.load_state_dict({"epoch": 0, "batches_consumed": 0})
+    again = _run_images(ds)
+    assert len(again) == len(reference) and all(torch.equal(a, b) for a, b in zip(again, reference))
+    ds.close()
+
+
+def _run_images(ds):
+    return [x.clone() for x in ds]

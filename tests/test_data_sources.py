@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import images as helpers_images
 from rcfast.data import IMAGENET_MEAN, IMAGENET_STD, ProxyImages, sources
 
 
@@ -33,6 +34,15 @@ def _write_classes(root: Path, per_class=(3, 2, 4), ext="png"):
         for i in range(n):
             _smooth(30 + i, 20 + c, seed=c * 10 + i).save(d / f"img{i}.{ext}")
     return root
+
+
+def _open_recording_warnings(root, **kwargs):
+    """ProxyImages(root, **kwargs) and the skip warning's text ('' when none)."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        ds = ProxyImages(root, **kwargs)
+    skips = _skip_warnings(record)
+    return ds, str(skips[0].message) if skips else ""
 
 
 def _skip_warnings(record):
@@ -119,7 +129,7 @@ def test_check_results_are_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
     root, good = _corrupt_folder(tmp_path)
     calls = []
     real_inspect = sources._inspect
-    monkeypatch.setattr(sources, "_inspect", lambda p: (calls.append(p), real_inspect(p))[1])
+    monkeypatch.setattr(sources, "_inspect", lambda p, m: (calls.append(p), real_inspect(p, m))[1])
     sources_set = sources.scan(root, labels=False)
     assert len(calls) == 12 and len(sources_set.paths) == 8
     index_files = list((tmp_path / "cache" / "image_index").glob("*.json"))
@@ -192,6 +202,13 @@ def test_missing_and_empty_sources_raise(tmp_path):
     (dict(dtype=torch.int64), "dtype"), (dict(dtype="float64"), "dtype"),
     (dict(num_threads=-1), "num_threads"), (dict(shard_id=2, num_shards=2), "shard_id"),
     (dict(num_shards=0), "num_shards"), (dict(device="meta"), "device"), (dict(seed=-1), "seed"),
+    (dict(batch_size=-4), "batch_size"), (dict(batch_size=True), "batch_size"), (dict(image_size="224"), "image_size"),
+    (dict(shard_id=-1, num_shards=2), "shard_id"), (dict(shard_id=1.0, num_shards=2), "shard_id"),
+    (dict(num_shards=-2), "num_shards"), (dict(num_threads=1.5), "num_threads"), (dict(seed=0.5), "seed"),
+    (dict(prefetch=0), "prefetch"), (dict(max_pixels=0), "max_pixels"), (dict(max_pixels=-1), "max_pixels"),
+    (dict(max_pixels=10**12), "max_pixels"), (dict(skip_damaged_jpegs="yes"), "skip_damaged_jpegs"),
+    (dict(labels="yes"), "labels"), (dict(drop_last=1), "drop_last"), (dict(shuffle="no"), "shuffle"),
+    (dict(dtype=None), "dtype"), (dict(device="cuda:0" if not torch.cuda.is_available() else "xla"), "device"),
 ])
 def test_bad_arguments_raise_naming_the_argument(tmp_path, kwargs, name):
     root = _write_classes(tmp_path / "data", per_class=(1,))
@@ -214,3 +231,246 @@ def test_auto_backend_warns_once_when_dali_is_not_importable(tmp_path, monkeypat
     assert ds.backend == "pil"
     with pytest.raises(ValueError, match="backend='dali' is not usable"):
         ProxyImages(root, image_size=8, backend="dali")
+
+
+# ------------------------------------------------------------------ symlinks
+def _images_under(root: Path, names):
+    for name in names:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _smooth(24, 20, seed=len(str(path))).save(path)
+
+
+def _links_warnings(record):
+    return [w for w in record if "symbolic link" in str(w.message)]
+
+
+@pytest.mark.parametrize("links", [{"self": "."}, {"up": ".."}, {"self": ".", "up": "..", "sub/back": "../.."}])
+def test_symlink_loops_list_every_image_once(tmp_path, links):
+    """Regression: `self -> .` counted 2 images as 82; `up -> ..` walked until memory ran out."""
+    (tmp_path / "sibling").mkdir()
+    _smooth(24, 20, 1).save(tmp_path / "sibling" / "outside.png")  # must not be pulled in through `up`
+    root = tmp_path / "data"
+    _images_under(root, ["a.png", "sub/b.png"])
+    for name, target in links.items():
+        (root / name).symlink_to(target, target_is_directory=True)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        ds = ProxyImages(root, image_size=8, batch_size=2, backend="pil", num_threads=0)
+    assert sorted(Path(p).relative_to(root).as_posix() for p in ds._images.paths) == ["a.png", "sub/b.png"]
+    assert ds.total_images == 2 and len(list(ds)) == 1
+    [warning] = _links_warnings(record)
+    message = str(warning.message)
+    assert f"not following {len(links)} symbolic link(s)" in message
+    for name, target in links.items():
+        assert f"{root / name} -> {target}" in message
+
+
+def test_symlinked_folders_are_followed_once_and_real_paths_win(tmp_path):
+    store = tmp_path / "store"
+    _images_under(store, ["cats/c1.png", "cats/c2.png", "dogs/d1.png"])
+    root = tmp_path / "data"
+    _images_under(root, ["birds/b1.png"])
+    (root / "cats").symlink_to(store / "cats", target_is_directory=True)   # a class folder elsewhere
+    (root / "dogs").symlink_to(store / "dogs", target_is_directory=True)
+    (root / "birds_again").symlink_to(root / "birds", target_is_directory=True)  # second path to a real folder
+    (root / "a_dogs_alias").symlink_to(store / "dogs", target_is_directory=True)  # sorts before 'dogs'
+    (root / "dangling").symlink_to(tmp_path / "nowhere", target_is_directory=True)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        ds = ProxyImages(root, image_size=8, batch_size=8, labels=True, backend="pil", num_threads=0)
+    rel = sorted(Path(p).relative_to(root).as_posix() for p in ds._images.paths)
+    # The real 'birds' wins over its alias; the store's dogs appear once, under
+    # the first link in sorted order.
+    assert rel == ["a_dogs_alias/d1.png", "birds/b1.png", "cats/c1.png", "cats/c2.png"]
+    assert ds.classes == ["a_dogs_alias", "birds", "cats"]
+    message = str(_links_warnings(record)[0].message)
+    assert "not following 2 symbolic link(s)" in message
+    assert "birds_again" in message and f"{root / 'dogs'} ->" in message
+
+
+def test_symlinked_files_are_listed_and_dangling_ones_skipped(tmp_path):
+    root = tmp_path / "data"
+    _images_under(root, ["a.png"])
+    (root / "b.png").symlink_to(root / "a.png")
+    (root / "gone.png").symlink_to(tmp_path / "missing.png")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        ds = ProxyImages(root, image_size=8, batch_size=2, backend="pil", num_threads=0)
+    assert ds.total_images == 2  # an explicit file link is the user's choice
+    assert [Path(p).name for p, _ in ds.skipped] == ["gone.png"]
+    assert "skipping 1 of 3 files" in str(_skip_warnings(record)[0].message)
+
+
+# ---------------------------------------------------------- pixel limit (bombs)
+@pytest.fixture(scope="module")
+def bomb_png(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bomb") / "bomb.png"
+    path.write_bytes(helpers_images.png_bomb(13000))  # 169 megapixels in ~0.2 MB
+    return path
+
+
+@pytest.mark.parametrize("backend", ["pil", "dali"])
+def test_decompression_bomb_is_skipped_from_its_header_without_decoding(tmp_path, bomb_png, monkeypatch, backend):
+    """Regression: a 13000^2 PNG of a few hundred KB passed the check and DALI decoded it at full size."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    import shutil
+    from PIL import ImageFile
+    root = _write_classes(tmp_path / "data", per_class=(3,))
+    shutil.copy(bomb_png, root / "class_0" / "bomb.png")
+    assert (root / "class_0" / "bomb.png").stat().st_size < 1_000_000
+    real_load = ImageFile.ImageFile.load
+
+    def load_but_not_the_bomb(im):
+        assert Path(str(getattr(im, "filename", ""))).name != "bomb.png", "the bomb was decoded"
+        return real_load(im)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load_but_not_the_bomb)
+    ds, message = _open_recording_warnings(root, image_size=16, batch_size=4, backend=backend, num_threads=1)
+    assert "skipping 1 of 4 files" in message
+    assert "bomb.png (169000000 pixels (13000 x 13000) > max_pixels=89478485" in message
+    assert ds.total_images == 3 and sum(len(b) for b in ds) == 3
+
+
+@pytest.mark.parametrize("backend", ["pil", "dali"])
+def test_max_pixels_is_one_configurable_limit_and_changing_it_needs_no_recheck(tmp_path, monkeypatch, backend):
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    root = tmp_path / "data"
+    root.mkdir()
+    _smooth(100, 80, 1).save(root / "big.png")      # 8000 pixels
+    _smooth(40, 30, 2).save(root / "small.jpg")     # 1200 pixels
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        ds = ProxyImages(root, image_size=8, batch_size=2, backend=backend, max_pixels=5000, num_threads=0)
+    assert [Path(p).name for p in ds._images.paths] == ["small.jpg"]
+    assert "big.png (8000 pixels (100 x 80) > max_pixels=5000" in str(_skip_warnings(record)[0].message)
+    assert sum(len(b) for b in ds) == 1
+    # A larger limit admits it: the file is checked (decoded) now, once.
+    calls = []
+    real_inspect = sources._inspect
+    monkeypatch.setattr(sources, "_inspect", lambda p, m: (calls.append(Path(p).name), real_inspect(p, m))[1])
+    assert ProxyImages(root, image_size=8, backend=backend, max_pixels=8000).total_images == 2
+    assert calls == ["big.png"]
+    calls.clear()
+    assert ProxyImages(root, image_size=8, backend=backend, max_pixels=5000).total_images == 1
+    assert calls == []  # the limit is applied to the cached sizes
+
+
+# -------------------------------------------------------------- damaged JPEGs
+def _damaged_folder(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    for i in range(3):
+        _smooth(64, 48, i).save(root / f"good{i}.jpg", quality=90)
+    for name, data in helpers_images.damaged_jpegs().items():
+        (root / name).write_bytes(data)
+    return root
+
+
+@pytest.mark.parametrize("backend", ["pil", "dali"])
+def test_damaged_jpeg_entropy_data_is_reported_as_corrupt(tmp_path, backend):
+    """Regression: JPEGs with damaged entropy-coded data decoded to garbage without a word."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    root = _damaged_folder(tmp_path)
+    for name in helpers_images.damaged_jpegs():  # the failure: PIL decodes them without any error
+        with Image.open(root / name) as im:
+            im.load()
+    ds, message = _open_recording_warnings(root, image_size=16, batch_size=4, backend=backend, num_threads=1)
+    assert "skipping 3 of 6 files" in message
+    assert "cut_middle.jpg (damaged JPEG data: Corrupt JPEG data: premature end of data segment)" in message
+    assert "flipped_bits.jpg (damaged JPEG data: Corrupt JPEG data:" in message
+    assert sorted(Path(p).name for p in ds._images.paths) == ["good0.jpg", "good1.jpg", "good2.jpg"]
+    assert sum(len(b) for b in ds) == 3
+
+
+def test_damaged_jpegs_can_be_kept_and_the_choice_needs_no_recheck(tmp_path, monkeypatch):
+    root = _damaged_folder(tmp_path)
+    assert ProxyImages(root, image_size=8, backend="pil").total_images == 3
+    calls = []
+    monkeypatch.setattr(sources, "_inspect", lambda p, m: calls.append(p))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        kept = ProxyImages(root, image_size=8, batch_size=6, backend="pil", skip_damaged_jpegs=False)
+    assert kept.total_images == 6 and calls == [] and not _skip_warnings(record)
+    assert next(iter(kept)).shape == (6, 3, 8, 8)
+
+
+def test_a_truncated_jpeg_is_still_unreadable_when_damage_is_allowed(tmp_path):
+    root = _damaged_folder(tmp_path)
+    data = (root / "good0.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    ds = ProxyImages(root, image_size=8, backend="pil", skip_damaged_jpegs=False)
+    assert [(Path(p).name, r) for p, r in ds.skipped] == [("truncated.jpg", "OSError: Premature end of JPEG file")]
+
+
+def test_cmyk_and_greyscale_jpegs_pass_the_check(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    base = _smooth(48, 40, 3)
+    base.convert("CMYK").save(root / "cmyk.jpg", quality=95)
+    base.convert("L").save(root / "grey.jpg", quality=95)
+    base.save(root / "progressive.jpg", quality=95, progressive=True)
+    ds = ProxyImages(root, image_size=8, backend="pil")
+    assert ds.total_images == 3 and ds.skipped == []
+
+
+def test_a_shard_without_a_single_batch_is_refused_naming_the_settings(tmp_path):
+    root = _write_classes(tmp_path / "data", per_class=(5,))
+    with pytest.raises(ValueError, match="batch_size=8 with drop_last=True"):
+        ProxyImages(root, batch_size=8, drop_last=True, backend="pil")
+    with pytest.raises(ValueError, match="shard 6 of num_shards=7 gets 0 of the source's 5 images"):
+        ProxyImages(root, batch_size=1, shard_id=6, num_shards=7, backend="pil")
+    assert len(ProxyImages(root, batch_size=8, drop_last=False, backend="pil")) == 1
+
+
+def test_a_list_file_naming_missing_paths_is_an_error_naming_them(tmp_path):
+    root = _write_classes(tmp_path / "data", per_class=(2,))
+    listing = tmp_path / "list.txt"
+    listing.write_text("data/class_0/img0.png\ndata/class_0/nope.png\nimg1.png\n")
+    with pytest.raises(ValueError, match=r"names 2 path\(s\) that do not exist: .*nope.png.*img1.png.*resolved "
+                                         r"against the list's folder"):
+        ProxyImages(listing, backend="pil")
+    assert root.exists()
+
+
+def test_a_source_that_is_not_a_list_or_folder_is_refused(tmp_path):
+    image = tmp_path / "photo.jpg"
+    _smooth(20, 20, 0).save(image)
+    with pytest.raises(ValueError, match="not a UTF-8 text list of image paths.*pass the folder"):
+        ProxyImages(image, backend="pil")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)  # reading it would block forever
+    with pytest.raises(ValueError, match="neither a folder nor a regular file"):
+        ProxyImages(fifo, backend="pil")
+    for bad in (None, 3, ["a", "b"]):
+        with pytest.raises(ValueError, match="source must be"):
+            ProxyImages(bad, backend="pil")
+
+
+@pytest.mark.parametrize("state, match", [
+    ({"epoch": 0}, "no 'batches_consumed'"), ({"batches_consumed": 0}, "no 'epoch'"),
+    ({"epoch": "0", "batches_consumed": 0}, r"state_dict\['epoch'\] must be an integer"),
+    ({"epoch": 0, "batches_consumed": 1.5}, "must be an integer"), ([0, 1], "must be a dict"),
+    ({"epoch": -1, "batches_consumed": 0}, "out of range"), ({"epoch": 0, "batches_consumed": 3}, "out of range"),
+    ({"epoch": 0, "batches_consumed": 0, "seed": 7}, "seed=7"),
+])
+def test_load_state_dict_rejects_malformed_states(tmp_path, state, match):
+    root = _write_classes(tmp_path / "data", per_class=(3,))
+    ds = ProxyImages(root, batch_size=2, backend="pil")
+    with pytest.raises(ValueError, match=match):
+        ds.load_state_dict(state)
+    assert ds.state_dict()["batches_consumed"] == 0 and ds.epoch == 0
+
+
+def test_a_missing_jpeg_checker_is_named_before_any_file_is_checked(tmp_path, monkeypatch):
+    import sys
+    root = _write_classes(tmp_path / "data", per_class=(2,), ext="jpg")
+    monkeypatch.setitem(sys.modules, "simplejpeg", None)  # import now fails
+    calls = []
+    monkeypatch.setattr(sources, "_inspect", lambda p, m: calls.append(p))
+    with pytest.raises(ImportError, match=r"needs simplejpeg, which is not installed: pip install 'rcfast\[data\]'"):
+        ProxyImages(root, backend="pil")
+    assert calls == []

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import sys
-import types
 
 import pytest
 import torch
 from torch import nn
 
 import rcfast
+from helpers.fake_libs import fake_torchvision
 from rcfast.models import (MultiHeadStudent, ResNetBackbone, SmallCNN, available_models, build_classifier,
                            build_model, build_student, classifier_backbone, register_model, resnet18_backbone)
 
@@ -141,32 +141,8 @@ def test_classifier_and_its_backbone():
         build_classifier("small_cnn", 0)
 
 
-def _fake_torchvision(monkeypatch):
-    """A stand-in ``torchvision`` exposing ``models.get_model`` like the real one."""
-    class FakeResNet(nn.Module):
-        def __init__(self, num_classes: int = 1000):
-            super().__init__()
-            self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-            self.fc = nn.Linear(8, num_classes)
-
-        def forward(self, x):
-            return self.fc(self.body(x))
-
-    def get_model(name, **kwargs):
-        if name != "resnet_fake":
-            raise ValueError(f"Unknown model {name}")
-        return FakeResNet(**kwargs)
-
-    torchvision = types.ModuleType("torchvision")
-    models = types.ModuleType("torchvision.models")
-    models.get_model = get_model
-    torchvision.models = models
-    monkeypatch.setitem(sys.modules, "torchvision", torchvision)
-    monkeypatch.setitem(sys.modules, "torchvision.models", models)
-
-
 def test_torchvision_prefix_builds_backbones_and_classifiers(monkeypatch):
-    _fake_torchvision(monkeypatch)
+    fake_torchvision(monkeypatch)
     backbone = build_model("torchvision:resnet_fake")
     assert backbone.feature_dim == 8 and isinstance(backbone.fc, nn.Identity)
     assert backbone(torch.randn(2, 3, 8, 8)).shape == (2, 8)

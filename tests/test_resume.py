@@ -74,17 +74,21 @@ def _assert_bitwise_equal(a, b, where: str = "") -> None:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
-@pytest.mark.parametrize("source", ["tensors", "images"])
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["tensors", "images", "term-parameters"])
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, source):
     """Kill -9 after step 5 (last checkpoint: step 3), resume, compare with a run never stopped.
 
     ``images`` runs the real data pipeline (``ProxyImages``, DALI when installed)
     with random-resized-crop augmentation, so the data position is tested too.
+    ``term-parameters`` adds an objective term with trainable parameters of its
+    own (``regression_probe``), which must resume exactly too.
     The loss runs on the backend ``"auto"`` picks (the fused CPU kernel when built).
     """
     extra = ["--steps", "9", "--checkpoint-every", "3"]
+    if source == "term-parameters":
+        extra.append("--probe-term")
     if source == "images":
-        pytest.importorskip("rcfast.data", reason="rcfast.data (ProxyImages) is not in this tree yet")
         from PIL import Image
         import numpy as np
         image_dir = tmp_path / "images"
@@ -106,10 +110,12 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, source):
     _finish(uninterrupted)
 
     reference, resumed = _final_state(full, 9), _final_state(killed, 9)
-    for key in ("model", "optimizer", "scheduler", "scaler", "step"):
+    for key in ("model", "objective", "optimizer", "scheduler", "scaler", "step"):
         _assert_bitwise_equal(reference[key], resumed[key], key)
     # The data position and RNG after the last step agree too.
     _assert_bitwise_equal(reference["ranks"], resumed["ranks"], "ranks")
+    if source == "term-parameters":
+        assert any(k.startswith("terms.regression_probe.") for k in reference["objective"])
     # The metrics of the lost steps were dropped and logged again, once each.
     lines = (killed / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == list(range(1, 10))

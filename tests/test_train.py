@@ -12,7 +12,8 @@ from torch import nn
 
 from helpers import TensorProxy, toy_images
 from rcfast.models import build_classifier, build_student
-from rcfast.train import Consolidator, OptimConfig, TeacherEnsemble, TrainConfig, atomic_save, read_metrics
+from rcfast.train import Consolidator, OnlineTeachers, OptimConfig, TrainConfig, atomic_save, read_metrics
+from rcfast.train.teachers import TeacherRequest
 from rcfast.train.checkpoint import capture_rng_state, latest_checkpoint, restore_rng_state
 from rcfast.train.optim import build_optimizer, warmup_cosine
 
@@ -30,14 +31,18 @@ def _teachers(seed: int = 0) -> dict[str, nn.Module]:
     return teachers
 
 
-def _distiller(tmp_path, steps: int = 4, precision: str = "fp32", lr: float = 3e-3, **train_kwargs) -> Consolidator:
+def _distiller(tmp_path, steps: int = 4, precision: str = "fp32", lr: float = 3e-3, teacher_source: bool = False,
+               **train_kwargs) -> Consolidator:
     images, _ = toy_images(48, 6, image_size=16, seed=1)
     torch.manual_seed(0)
     student = build_student("small_cnn", {"task": 3, "generalist": 6}, width=4)
     train = TrainConfig(max_steps=steps, out_dir=str(tmp_path / "run"), resume="none", progress=False,
                         log_every=1, precision=precision, **train_kwargs)
-    return Consolidator(student, TensorProxy(images, batch_size=16), teachers=_teachers(),
-                        temperatures={"task": 2.0, "generalist": 4.0}, train=train,
+    objective = [{"term": "multihead_kd", "temperature": {"task": 2.0, "generalist": 4.0}}]
+    teachers = _teachers()
+    if teacher_source:  # what from_config passes: a TeacherSource with the configured class counts
+        teachers = OnlineTeachers(teachers, num_classes={"task": 3, "generalist": 6})
+    return Consolidator(student, objective, TensorProxy(images, batch_size=16), teachers=teachers, train=train,
                         optim=OptimConfig(lr=lr, warmup_steps=0))
 
 
@@ -49,10 +54,11 @@ def test_one_step_updates_the_student_and_logs(tmp_path):
     changed = [k for k, v in trainer.student.state_dict().items() if not torch.equal(v, before[k])]
     assert "heads.weight" in changed and "backbone.body.0.weight" in changed
     (record,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    assert record["step"] == 1 and set(record["head_loss"]) == {"task", "generalist"}
+    assert record["step"] == 1 and record["terms"] == {"multihead_kd": record["loss"]}
+    assert set(record["parts"]["multihead_kd"]) == {"task", "generalist"}
     assert record["images_per_sec"] > 0 and record["lr"] == pytest.approx(3e-3 * warmup_cosine(1, 0, 1, 0.0))
     # the per-head losses add up to the fused loss
-    assert sum(record["head_loss"].values()) == pytest.approx(record["loss"], rel=1e-4)
+    assert sum(record["parts"]["multihead_kd"].values()) == pytest.approx(record["loss"], rel=1e-4)
     final = torch.load(tmp_path / "run" / "final.pt", weights_only=True)
     assert final["heads"] == {"names": ["task", "generalist"], "splits": [3, 6]}
     assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "checkpoint_000000001.pt"
@@ -71,26 +77,34 @@ def test_supervised_multitask_loss_decreases(tmp_path):
     xb, yb = toy_images(48, 4, image_size=16, seed=3)
     torch.manual_seed(0)
     student = build_student("small_cnn", {"a": 3, "b": 4}, width=4)
+    # Each head trained with cross-entropy on its own labeled task stream (the "oracle").
     trainer = Consolidator(
-        student, tasks={"a": TensorProxy(xa, ya, batch_size=12, labels=True),
-                        "b": TensorProxy(xb, yb, batch_size=12, labels=True)},
-        train=TrainConfig(mode="supervised", max_steps=24, out_dir=str(tmp_path / "sup"), resume="none",
-                          progress=False, log_every=1),
+        student, [{"term": "cross_entropy", "head": "a"}, {"term": "cross_entropy", "head": "b", "weight": 2.0}],
+        {"a": TensorProxy(xa, ya, batch_size=12, labels=True), "b": TensorProxy(xb, yb, batch_size=12, labels=True)},
+        train=TrainConfig(max_steps=24, out_dir=str(tmp_path / "sup"), resume="none", progress=False, log_every=1),
         optim=OptimConfig(lr=1e-2))
     trainer.fit()
     records = read_metrics(tmp_path / "sup" / "metrics.jsonl")
     first, last = records[0], records[-1]
-    assert set(first["head_loss"]) == {"a", "b"}
-    assert first["head_loss"]["a"] == pytest.approx(math.log(3), rel=0.3)  # ~uniform at the start
+    assert set(first["terms"]) == {"cross_entropy:a", "cross_entropy:b"} and "parts" not in first
+    assert first["terms"]["cross_entropy:a"] == pytest.approx(math.log(3), rel=0.3)  # ~uniform at the start
+    assert first["loss"] == pytest.approx(first["terms"]["cross_entropy:a"] + 2.0 * first["terms"]["cross_entropy:b"],
+                                          rel=1e-6)
     assert last["loss"] < 0.5 * first["loss"], [r["loss"] for r in records]
+    assert first["epoch"] == {"a": 0, "b": 0} and trainer.inputs.student_streams == ["a", "b"]
 
 
-def test_bf16_autocast_on_cpu(tmp_path):
-    trainer = _distiller(tmp_path, steps=2, precision="bf16")
-    seen = []
+@pytest.mark.parametrize("teachers_as", ["modules", "teacher-source"])
+def test_bf16_autocast_on_cpu(tmp_path, teachers_as):
+    trainer = _distiller(tmp_path, steps=2, precision="bf16",
+                         teacher_source=teachers_as == "teacher-source")
+    seen, teacher_seen = [], []
     trainer.student.heads.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    for teacher in trainer.teachers.models.values():  # teachers run in the run's precision too
+        teacher.heads.register_forward_hook(lambda m, i, o: teacher_seen.append(o.dtype))
     summary = trainer.fit()
     assert seen and all(dtype == torch.bfloat16 for dtype in seen)
+    assert len(teacher_seen) == 4 and all(dtype == torch.bfloat16 for dtype in teacher_seen)
     assert math.isfinite(summary["loss"])
     assert all(p.dtype == torch.float32 for p in trainer.student.parameters())  # master weights stay fp32
     assert not trainer.scaler.is_enabled()  # bf16 needs no loss scaling
@@ -107,31 +121,42 @@ def test_hard_label_cross_entropy_term(tmp_path):
     images, labels = toy_images(48, 3, image_size=16, seed=4)
     torch.manual_seed(0)
     student = build_student("small_cnn", {"task": 3, "generalist": 6}, width=4)
-    train = TrainConfig(max_steps=2, out_dir=str(tmp_path / "ce"), resume="none", progress=False, log_every=1,
-                        ce_weight=1.0, ce_head="task")
-    trainer = Consolidator(student, TensorProxy(images, labels, batch_size=16, labels=True),
+    train = TrainConfig(max_steps=2, out_dir=str(tmp_path / "ce"), resume="none", progress=False, log_every=1)
+    objective = [{"term": "multihead_kd"}, {"term": "cross_entropy", "head": "task", "weight": 0.5}]
+    trainer = Consolidator(student, objective, TensorProxy(images, labels, batch_size=16, labels=True),
                            teachers=_teachers(), train=train)
     trainer.fit()
     rec1, _ = read_metrics(tmp_path / "ce" / "metrics.jsonl")
-    # total = KD heads + CE (~log 3 for an untrained head): clearly above the KD part alone
-    assert rec1["loss"] - sum(rec1["head_loss"].values()) == pytest.approx(math.log(3), rel=0.5)
+    # total = KD + 0.5 * CE (~log 3 for an untrained head), each logged under its name
+    assert rec1["terms"]["cross_entropy"] == pytest.approx(math.log(3), rel=0.5)
+    assert rec1["loss"] == pytest.approx(rec1["terms"]["multihead_kd"] + 0.5 * rec1["terms"]["cross_entropy"],
+                                         rel=1e-6)
+    assert sum(rec1["parts"]["multihead_kd"].values()) == pytest.approx(rec1["terms"]["multihead_kd"], rel=1e-4)
 
 
-def test_teacher_ensemble_packs_logits_into_one_reused_buffer():
+def test_online_teachers_pack_logits_into_one_reused_buffer():
     teachers = _teachers()
-    ensemble = TeacherEnsemble(teachers, ["generalist", "task"], [6, 3])
+    source = OnlineTeachers(teachers)
+    assert source.num_classes == {"task": 3, "generalist": 6}  # read from each model's last Linear
     images = torch.randn(5, 3, 16, 16)
-    packed = ensemble(images)
+
+    def request(x, stream="proxy"):
+        return TeacherRequest(stream=stream, step=0, images=x, teachers=("generalist", "task"))
+
+    packed = source(request(images)).logits
     with torch.no_grad():
         expected = torch.cat([teachers["generalist"](images), teachers["task"](images)], dim=1)
     torch.testing.assert_close(packed, expected)
-    assert not packed.requires_grad
-    again = ensemble(torch.randn(5, 3, 16, 16))
+    assert not packed.requires_grad and not packed.is_inference()
+    again = source(request(torch.randn(5, 3, 16, 16))).logits
     assert again.data_ptr() == packed.data_ptr()  # no new allocation per step
-    with pytest.raises(ValueError, match="must match the student's heads"):
-        TeacherEnsemble(teachers, ["generalist", "other"], [6, 3])
-    with pytest.raises(ValueError, match="teacher 'task' produced logits of shape"):
-        TeacherEnsemble(teachers, ["generalist", "task"], [6, 4])(images)
+    # another stream's logits live in the same step: their own buffer
+    assert source(request(images, stream="task_b")).logits.data_ptr() != packed.data_ptr()
+    with pytest.raises(ValueError, match="num_classes names"):
+        OnlineTeachers(teachers, num_classes={"task": 3})
+    wrong = OnlineTeachers(teachers, num_classes={"task": 4, "generalist": 6})
+    with pytest.raises(ValueError, match=r"teacher 'task' produced logits of shape \(5, 3\), expected \[5, 4\]"):
+        wrong(request(images))
 
 
 def test_fused_optimizer_on_cpu_and_no_decay_for_1d_params():
@@ -171,9 +196,8 @@ def test_resume_rejects_a_checkpoint_of_another_student(tmp_path):
     torch.manual_seed(0)
     other = build_student("small_cnn", {"task": 3, "other": 6}, width=4)
     images, _ = toy_images(48, 6, image_size=16, seed=1)
-    teachers = _teachers()
-    resumed = Consolidator(other, TensorProxy(images, batch_size=16),
-                           teachers={"task": teachers["task"], "other": teachers["generalist"]},
+    resumed = Consolidator(other, [{"term": "multihead_kd", "heads": {"task": "task", "other": "generalist"}}],
+                           TensorProxy(images, batch_size=16), teachers=_teachers(),
                            train=TrainConfig(max_steps=4, out_dir=str(tmp_path / "run"), progress=False))
     with pytest.raises(ValueError, match="checkpoint heads"):
         resumed.fit()
@@ -191,5 +215,5 @@ def test_a_dataset_sharded_for_another_rank_is_rejected(tmp_path):
     images, _ = toy_images(16, 2, image_size=8)
     with pytest.raises(ValueError, match="shard 0 of 1, but this process is rank 1 of 2"):
         Consolidator(build_student("small_cnn", {"task": 3, "generalist": 6}, width=4),
-                     TensorProxy(images, batch_size=4), teachers=_teachers(),
+                     [{"term": "multihead_kd"}], TensorProxy(images, batch_size=4), teachers=_teachers(),
                      train=TrainConfig(out_dir=str(tmp_path)), dist_context=DistContext(rank=1, world_size=2))

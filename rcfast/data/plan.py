@@ -21,6 +21,7 @@ result horizontally when asked.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -187,3 +188,61 @@ def decode_boxes(windows: np.ndarray, width: np.ndarray, height: np.ndarray) -> 
     x1 = np.minimum(np.ceil(windows[:, 2] - 1e-6), width)
     y1 = np.minimum(np.ceil(windows[:, 3] - 1e-6), height)
     return np.stack([x0, y0, x1, y1], axis=1).astype(np.int64)
+
+
+@dataclass
+class PlanBatch:
+    """One batch of the plan: image indices and what to decode and resample."""
+
+    indices: np.ndarray   # global image indices [n]
+    paths: list[str]
+    boxes: np.ndarray     # int64 [n, 4]: integer region to decode (x0, y0, x1, y1)
+    windows: np.ndarray   # float64 [n, 4]: region to resample, relative to the box origin
+    flips: np.ndarray     # bool [n]
+
+
+class EpochPlanner:
+    """Batch k of epoch e of one shard: a pure function of the settings and (e, k).
+
+    The backends hold this object, not the dataset, so a dataset is freed by
+    reference counting the moment it is dropped (no cycle through the
+    backend's threads and finalizers). Planning reads no file.
+    """
+
+    def __init__(self, paths: list[str], widths: np.ndarray, heights: np.ndarray, *, image_size: int,
+                 batch_size: int, seed: int, augment: str, shuffle: bool, shard_id: int, num_shards: int,
+                 drop_last: bool):
+        self.paths, self.widths, self.heights = paths, widths, heights
+        self.image_size, self.batch_size, self.seed, self.augment = image_size, batch_size, seed, augment
+        self.shuffle, self.shard_id, self.num_shards, self.drop_last = shuffle, shard_id, num_shards, drop_last
+        n, s = len(paths), num_shards
+        self.num_images = n // s if drop_last else n // s + (1 if shard_id < n % s else 0)
+        self.num_batches = num_batches(self.num_images, batch_size, drop_last)
+        self._orders: dict[int, np.ndarray] = {}
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """Global image indices this shard delivers in `epoch`, in order (read-only)."""
+        indices = self._orders.get(epoch)
+        if indices is None:
+            order = epoch_order(len(self.paths), self.seed, epoch, self.shuffle)
+            indices = shard_indices(order, self.shard_id, self.num_shards, self.drop_last)
+            if self.drop_last:
+                indices = indices[:self.num_batches * self.batch_size]
+            indices.setflags(write=False)
+            # Kept: this epoch and the one before (a pipeline runs ahead into
+            # the next epoch while the consumer finishes this one).
+            self._orders = {e: v for e, v in self._orders.items() if e == epoch - 1}
+            self._orders[epoch] = indices
+        return indices
+
+    def batch_indices(self, epoch: int, k: int) -> np.ndarray:
+        return self.epoch_indices(epoch)[k * self.batch_size:(k + 1) * self.batch_size]
+
+    def __call__(self, epoch: int, k: int) -> PlanBatch:
+        """Batch k of `epoch`: what to decode (integer boxes) and resample (windows), and the flips."""
+        idx = self.batch_indices(epoch, k)
+        width, height = self.widths[idx], self.heights[idx]
+        windows, flips = sample_windows(self.augment, self.image_size, self.seed, epoch, idx, width, height)
+        boxes = decode_boxes(windows, width, height)
+        rel_windows = windows - np.concatenate([boxes[:, :2], boxes[:, :2]], axis=1)
+        return PlanBatch(idx, [self.paths[i] for i in idx], boxes, rel_windows, flips)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
+from PIL import Image
+
 from . import plan
-from .sources import DALI_FORMATS, scan, skipped_warning
+from .sources import DALI_FORMATS, DEFAULT_MAX_PIXELS, links_warning, scan, skipped_warning
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -27,21 +27,25 @@ _DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float
 _BACKENDS = ("auto", "dali", "pil")
 
 
-@dataclass
-class PlanBatch:
-    """One batch of the plan: image indices and what to decode and resample."""
-
-    indices: np.ndarray   # global image indices [n]
-    paths: list[str]
-    boxes: np.ndarray     # int64 [n, 4]: integer region to decode (x0, y0, x1, y1)
-    windows: np.ndarray   # float64 [n, 4]: region to resample, relative to the box origin
-    flips: np.ndarray     # bool [n]
-
-
 def _check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _check_max_pixels(value) -> int:
+    value = _check_positive_int("max_pixels", value)
+    pil_limit = Image.MAX_IMAGE_PIXELS  # PIL's own (global) limit: PIL refuses above twice it
+    if pil_limit is not None and value > 2 * pil_limit:
+        raise ValueError(f"max_pixels={value} is above what PIL opens (2 x PIL.Image.MAX_IMAGE_PIXELS = "
+                         f"{2 * pil_limit}); raise PIL.Image.MAX_IMAGE_PIXELS as well to allow such images")
+    return value
 
 
 def _resolve_dtype(dtype) -> torch.dtype:
@@ -113,32 +117,49 @@ class ProxyImages:
         backend: "auto" (DALI when importable and able to decode every image,
             else PIL with one warning saying why), "dali" or "pil".
         num_threads: DALI decoding threads (and, on a CPU, as many threads
-            finishing the resize/normalise in torch), or PIL DataLoader worker
-            processes (0 loads in the main process). PIL workers start from a
-            fork server, so scripts must keep their top-level code under
-            `if __name__ == "__main__":`.
+            finishing the resize/normalise in torch; 0 counts as 1), or PIL
+            DataLoader worker processes (0 loads in the main process). PIL
+            workers are forked through a private context (no `__main__`
+            guard needed on Linux) and die with the process that started
+            them.
         shuffle: reshuffle every epoch; default True for "rrc_flip", False
             otherwise.
         prefetch: batches prepared ahead (DALI prefetch queue depth, DataLoader
             prefetch factor).
+        max_pixels: images whose header shows more pixels (width x height) are
+            skipped without being decoded, by either backend (decompression
+            bombs); default 89,478,485, PIL's own default limit.
+        skip_damaged_jpegs: skip JPEGs whose entropy-coded data libjpeg
+            reports as damaged ("Corrupt JPEG data: ..."), which PIL and DALI
+            would decode silently into partly grey or garbled images. The
+            check is part of the one-time image check (a 1/8-scale libjpeg
+            decode, cheaper than the PIL decode it replaced); False keeps
+            them.
 
     Iterating yields one epoch, continuing from the current position (see
     `state_dict`); finishing an epoch advances `epoch` by one. Batches depend
     only on (seed, epoch, shard settings), bitwise, for each backend; the DALI
-    and PIL backends agree to about one grey level. Unreadable files are found
-    once (cached), reported in one warning and skipped.
+    and PIL backends agree to about one grey level. Unreadable, damaged and
+    oversized files are found once (cached), reported in one warning with their
+    reasons and skipped. Symbolic links are followed, each real folder once.
 
     Resume: save `state_dict()` with the checkpoint (it counts the batches
     handed out, including the one being trained on), and after
     `load_state_dict(state)` the next iteration yields exactly the remaining
     batches of that epoch, without reading the skipped ones.
+
+    Resources: the DALI backend keeps one pipeline (and its threads) from the
+    first iteration until `close()` or until the object is dropped; the PIL
+    backend keeps its worker processes the same way. One iterator at a time:
+    starting a new one abandons the previous one.
     """
 
     def __init__(self, source, image_size: int = 224, batch_size: int = 64, device="auto",
                  shard_id: int | None = None, num_shards: int | None = None, seed: int = 0,
                  augment: str | None = "rrc_flip", labels: bool = False, drop_last: bool = False,
                  dtype=torch.float32, backend: str = "auto", num_threads: int = 2,
-                 shuffle: bool | None = None, prefetch: int = 2):
+                 shuffle: bool | None = None, prefetch: int = 2, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 skip_damaged_jpegs: bool = True):
         if source is None or not isinstance(source, (str, os.PathLike)):
             raise ValueError(f"source must be a folder or a list-file path, got {source!r}")
         self.image_size = _check_positive_int("image_size", image_size)
@@ -157,11 +178,17 @@ class ProxyImages:
         self.seed = int(seed)
         self.device = _resolve_device(device)
         self.shard_id, self.num_shards = _default_shards(shard_id, num_shards)
-        self.labels = bool(labels)
-        self.drop_last = bool(drop_last)
-        self.shuffle = (augment == "rrc_flip") if shuffle is None else bool(shuffle)
+        self.labels = _check_bool("labels", labels)
+        self.drop_last = _check_bool("drop_last", drop_last)
+        self.shuffle = (augment == "rrc_flip") if shuffle is None else _check_bool("shuffle", shuffle)
+        self.prefetch = _check_positive_int("prefetch", prefetch)
+        self.max_pixels = _check_max_pixels(max_pixels)
+        self.skip_damaged_jpegs = _check_bool("skip_damaged_jpegs", skip_damaged_jpegs)
 
-        self._images = scan(source, labels=self.labels, num_threads=max(1, num_threads))
+        self._images = scan(source, labels=self.labels, num_threads=max(1, num_threads),
+                            max_pixels=self.max_pixels, skip_damaged_jpegs=self.skip_damaged_jpegs)
+        if self._images.links_not_followed:
+            warnings.warn(links_warning(self._images), RuntimeWarning, stacklevel=2)
         if self._images.skipped:
             warnings.warn(skipped_warning(self._images), RuntimeWarning, stacklevel=2)
         self.source = self._images.source
@@ -171,15 +198,29 @@ class ProxyImages:
         self._labels = (np.asarray(self._images.labels, dtype=np.int64)
                         if self._images.labels is not None else None)
 
+        self._planner = plan.EpochPlanner(
+            self._images.paths, self._widths, self._heights, image_size=self.image_size,
+            batch_size=self.batch_size, seed=self.seed, augment=self.augment, shuffle=self.shuffle,
+            shard_id=self.shard_id, num_shards=self.num_shards, drop_last=self.drop_last)
+        if len(self) == 0:
+            raise ValueError(
+                f"shard {self.shard_id} of num_shards={self.num_shards} gets {self.num_images} of the source's "
+                f"{self.total_images} images, which make no batch of batch_size={self.batch_size}"
+                + (" with drop_last=True" if self.drop_last else "")
+                + ": use a smaller batch_size or fewer shards")
+
         self.backend = self._resolve_backend(backend)
         if self.backend == "dali":
             from .dali_pipeline import DaliBatches
             self._runner = DaliBatches(self.image_size, self.batch_size, num_threads, self.device,
-                                       self.dtype, IMAGENET_MEAN, IMAGENET_STD, prefetch)
+                                       self.dtype, IMAGENET_MEAN, IMAGENET_STD, self.prefetch,
+                                       plan=self._planner, batches_per_epoch=len(self),
+                                       whole_box_windows=self.augment in ("rrc_flip", "none"))
         else:
             from .pil_pipeline import PilBatches
             self._runner = PilBatches(self.image_size, num_threads, self.device, self.dtype,
-                                      IMAGENET_MEAN, IMAGENET_STD, prefetch)
+                                      IMAGENET_MEAN, IMAGENET_STD, self.prefetch,
+                                      plan=self._planner, batches_per_epoch=len(self))
         self._epoch = 0
         self._position = 0  # batches of the current epoch already handed out
 
@@ -192,10 +233,7 @@ class ProxyImages:
     @property
     def num_images(self) -> int:
         """Images this shard delivers per epoch (before dropping a partial batch)."""
-        n, s = self.total_images, self.num_shards
-        if self.drop_last:
-            return n // s
-        return n // s + (1 if self.shard_id < n % s else 0)
+        return self._planner.num_images
 
     @property
     def num_classes(self) -> int | None:
@@ -211,7 +249,7 @@ class ProxyImages:
 
     def __len__(self) -> int:
         """Batches per epoch for this shard."""
-        return plan.num_batches(self.num_images, self.batch_size, self.drop_last)
+        return self._planner.num_batches
 
     # ----------------------------------------------------------------- state
     @property
@@ -245,6 +283,13 @@ class ProxyImages:
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"state_dict was saved with {key}={state[key]!r} but this dataset has "
                                  f"{key}={getattr(self, key)!r}: the resumed batches would differ")
+        if not isinstance(state, dict):
+            raise ValueError(f"state_dict must be a dict, got {type(state).__name__}")
+        for key in ("epoch", "batches_consumed"):
+            if key not in state:
+                raise ValueError(f"state_dict has no {key!r}: not a ProxyImages state")
+            if isinstance(state[key], bool) or not isinstance(state[key], (int, np.integer)):
+                raise ValueError(f"state_dict[{key!r}] must be an integer, got {state[key]!r}")
         epoch, position = int(state["epoch"]), int(state["batches_consumed"])
         if epoch < 0 or not 0 <= position <= len(self):
             raise ValueError(f"state_dict position out of range: epoch={epoch}, "
@@ -253,45 +298,35 @@ class ProxyImages:
 
     # ------------------------------------------------------------- iteration
     def epoch_indices(self, epoch: int) -> np.ndarray:
-        """Global image indices this shard delivers in `epoch`, in order."""
-        order = plan.epoch_order(self.total_images, self.seed, epoch, self.shuffle)
-        indices = plan.shard_indices(order, self.shard_id, self.num_shards, self.drop_last)
-        if self.drop_last:
-            indices = indices[:len(self) * self.batch_size]
-        return indices
-
-    def _plan_batches(self, epoch: int, start_batch: int) -> list[PlanBatch]:
-        # Only the remaining batches are planned: a resume skips list entries,
-        # it never reads or decodes the images before its position.
-        indices = self.epoch_indices(epoch)[start_batch * self.batch_size:]
-        if len(indices) == 0:
-            return []
-        width, height = self._widths[indices], self._heights[indices]
-        windows, flips = plan.sample_windows(self.augment, self.image_size, self.seed, epoch,
-                                             indices, width, height)
-        boxes = plan.decode_boxes(windows, width, height)
-        rel_windows = windows - np.concatenate([boxes[:, :2], boxes[:, :2]], axis=1)
-        paths = self._images.paths
-        out = []
-        for lo in range(0, len(indices), self.batch_size):
-            sl = slice(lo, lo + self.batch_size)
-            idx = indices[sl]
-            out.append(PlanBatch(idx, [paths[i] for i in idx], boxes[sl], rel_windows[sl], flips[sl]))
-        return out
+        """Global image indices this shard delivers in `epoch`, in order (read-only)."""
+        return self._planner.epoch_indices(epoch)
 
     def __iter__(self):
         epoch, start = self._epoch, self._position
-        batches = self._plan_batches(epoch, start)
-        for k, images in enumerate(self._runner.iterate(batches)):
+        for k, images in enumerate(self._runner.iterate(epoch, start), start=start):
             # Counted before the yield: while the caller holds batch k, the
             # state says k + 1 consumed, which is where a resume must start.
-            self._position = start + k + 1
+            self._position = k + 1
             if self._labels is None:
                 yield images
             else:
-                labels = torch.from_numpy(self._labels[batches[k].indices])
+                labels = torch.from_numpy(self._labels[self._planner.batch_indices(epoch, k)])
                 yield images, labels.to(self.device, non_blocking=True)
         self._epoch, self._position = epoch + 1, 0
+
+    def close(self) -> None:
+        """Release the backend's pipeline threads or worker processes now.
+
+        Also happens when the object is dropped; a later iteration starts them
+        again.
+        """
+        self._runner.close()
+
+    def __enter__(self) -> "ProxyImages":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return (f"ProxyImages(source={str(self.source)!r}, images={self.num_images}/{self.total_images}, "

@@ -29,7 +29,8 @@ def finetune_accuracy(backbone: nn.Module, train_data, test_data, num_classes: i
     """Fine-tune a copy of ``backbone`` with a fresh linear head; return test accuracy.
 
     ``train_data``/``test_data`` yield ``(images, labels)`` batches and are
-    iterated once per epoch. The caller's backbone is left untouched.
+    iterated once per epoch. The caller's backbone, and its global RNG state,
+    are left untouched (the new head is initialised from ``seed``).
     """
     if epochs <= 0:
         raise ValueError(f"epochs must be > 0, got {epochs}")
@@ -38,7 +39,13 @@ def finetune_accuracy(backbone: nn.Module, train_data, test_data, num_classes: i
     device = torch.device(device)
     autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16"
                 else contextlib.nullcontext)
-    torch.manual_seed(seed)
+    # A private RNG stream: the caller's torch RNG is restored when this returns.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return _finetune(backbone, train_data, test_data, num_classes, epochs, lr, weight_decay, device, autocast)
+
+
+def _finetune(backbone, train_data, test_data, num_classes, epochs, lr, weight_decay, device, autocast) -> float:
     net = copy.deepcopy(backbone).to(device)
     # The head, optimiser and schedule are built at the first batch, where the
     # feature width can be measured: peeking at a batch beforehand would move a

@@ -8,7 +8,8 @@ are optional, so asking for one without the library is a clear error.
 Three things are built from a name:
 
 - :func:`build_model`: a backbone, images -> ``[B, feature_dim]``, with a
-  ``feature_dim`` attribute.
+  ``feature_dim`` attribute (and, for ``torchvision:``/``timm:`` models,
+  ``classifier_name``: the classifier module the backbone does without).
 - :func:`build_classifier`: a classifier, images -> ``[B, num_classes]`` (how
   teachers are built; a teacher checkpoint is that classifier's state_dict).
 - :func:`build_student`: a :class:`MultiHeadStudent` on a named backbone.
@@ -91,6 +92,8 @@ def _strip_last_linear(model: nn.Module, name: str) -> tuple[nn.Module, int]:
     parent = model.get_submodule(parent_name) if parent_name else model
     feature_dim = getattr(parent, child).in_features
     setattr(parent, child, nn.Identity())
+    # Which keys of the full classifier's state_dict the backbone lacks (student.init_from drops them).
+    model.classifier_name = last
     return model, feature_dim
 
 
@@ -117,6 +120,9 @@ def build_model(name: str, **kwargs) -> nn.Module:
         arch = name.split(":", 1)[1]
         model = _call_builder(name, lambda **kw: timm.create_model(arch, num_classes=0, **kw), kwargs)
         model.feature_dim = int(model.num_features)
+        cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+        if isinstance(cfg.get("classifier"), str):
+            model.classifier_name = cfg["classifier"]  # the head timm dropped for num_classes=0
         return model
     if name not in _REGISTRY:
         raise ValueError(

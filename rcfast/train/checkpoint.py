@@ -12,6 +12,7 @@ torn file.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -21,7 +22,8 @@ import numpy as np
 import torch
 
 __all__ = ["atomic_save", "load_checkpoint", "checkpoint_path", "list_checkpoints",
-           "latest_checkpoint", "prune_checkpoints", "capture_rng_state", "restore_rng_state"]
+           "latest_checkpoint", "prune_checkpoints", "capture_rng_state", "restore_rng_state",
+           "isolated_rng", "seed_everything"]
 
 _NAME = re.compile(r"^checkpoint_(\d{9})\.pt$")
 
@@ -112,3 +114,25 @@ def restore_rng_state(state: dict) -> None:
     random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's and torch's global RNGs (inside :func:`isolated_rng` in library code)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def isolated_rng():
+    """Run a block on the global RNGs, then put the caller's RNG states back.
+
+    The trainer seeds and draws from the global RNGs (dropout and friends read
+    torch's) inside this, so a caller's random streams are as they were after
+    constructing or fitting a trainer.
+    """
+    state = capture_rng_state()
+    try:
+        yield
+    finally:
+        restore_rng_state(state)

@@ -3,7 +3,12 @@
 ``load_config("run.yaml", overrides=["train.max_steps=100"])`` reads a YAML file
 into a :class:`RunConfig`; :func:`config_to_dict`/:func:`dump_config` write it
 back, so YAML -> dataclass -> YAML round-trips. Unknown keys and values of the
-wrong type are rejected with a :class:`ConfigError` naming the key.
+wrong type are rejected with a :class:`ConfigError` naming the key, and
+:meth:`RunConfig.validate` is the one place a whole run is checked -- including
+its ``objective`` against the heads, teachers and data it names -- before any
+model or data pipeline is built. A config in the old form (``train.mode``,
+``train.ce_weight``, ``teachers[].temperature``...) is refused with the
+``objective:`` that replaces it.
 """
 from __future__ import annotations
 
@@ -19,11 +24,11 @@ import yaml
 __all__ = [
     "ConfigError", "StudentConfig", "TeacherConfig", "DataConfig", "TaskConfig", "OptimConfig",
     "TrainConfig", "RunConfig", "load_config", "config_from_dict", "config_to_dict", "dump_config",
-    "apply_overrides",
+    "apply_overrides", "PROXY_STREAM",
 ]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-MODES = ("distill", "supervised")
+PROXY_STREAM = "proxy"
 OPTIMIZERS = ("adamw", "adam", "sgd", "lamb")
 OPTIMIZER_IMPLS = ("auto", "torch", "apex")
 
@@ -34,27 +39,37 @@ class ConfigError(ValueError):
 
 @dataclass
 class StudentConfig:
-    """The student's backbone: a registry name (see :func:`rcfast.models.build_model`) and its kwargs."""
+    """The student: a backbone by registry name (see :func:`rcfast.models.build_model`) and its heads.
+
+    ``heads``: ``{name: num_classes}`` in packed order; empty (default) means
+    one head per teacher, in the teachers' order (or, with no teachers, one
+    per labeled task). ``init_from``: a checkpoint to start the backbone from
+    (a classifier's or backbone's state_dict, an rcfast checkpoint, a
+    ``torchvision:``/``timm:`` state_dict); its classifier layer is dropped and
+    every other key must match the backbone.
+    """
 
     backbone: str = "small_cnn"
     backbone_kwargs: dict = field(default_factory=dict)
+    heads: dict = field(default_factory=dict)
+    init_from: str = ""
 
 
 @dataclass
 class TeacherConfig:
-    """One teacher, distilled into the student head of the same ``name``.
+    """One named teacher; objective terms name the teachers they use (``multihead_kd`` by default
+    distils each into the student head of the same ``name``).
 
     ``checkpoint`` is a state_dict file of ``build_classifier(builder,
     num_classes, **builder_kwargs)`` (or an rcfast checkpoint holding one under
-    ``"model"``), loaded with ``torch.load(weights_only=True)``.
+    ``"model"``), loaded with ``torch.load(weights_only=True)``. ``generalist``
+    marks the broad-domain teacher (informational).
     """
 
     name: str = ""
     builder: str = ""
     checkpoint: str = ""
     num_classes: int = 0
-    temperature: float = 4.0
-    weight: float = 1.0
     builder_kwargs: dict = field(default_factory=dict)
     generalist: bool = False
 
@@ -63,9 +78,10 @@ class TeacherConfig:
 class DataConfig:
     """Images for training (``rcfast.data.ProxyImages`` arguments).
 
-    Distill mode reads the proxy images from ``source``; supervised mode reads
-    each task's ``source`` with these settings. ``shuffle: null`` follows
-    ``ProxyImages`` (shuffle with ``rrc_flip`` only).
+    ``source`` is the proxy data (the data stream ``proxy``; ``labels: true``
+    if it has class folders a term uses); each labeled task's ``source`` is
+    read with these same settings. ``shuffle: null`` follows ``ProxyImages``
+    (shuffle with ``rrc_flip`` only).
     """
 
     source: str = ""
@@ -81,12 +97,15 @@ class DataConfig:
 
 @dataclass
 class TaskConfig:
-    """A labeled task of supervised (``mode: supervised``) training: one head each."""
+    """A labeled task: the data stream ``name`` (a class-folder tree at ``source``).
+
+    A ``cross_entropy`` term on the head of the same name reads it by default;
+    with no teachers and no ``student.heads``, each task is one student head.
+    """
 
     name: str = ""
     source: str = ""
     num_classes: int = 0
-    weight: float = 1.0
 
 
 @dataclass
@@ -106,9 +125,16 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    """The training loop: steps, precision, devices, logging, checkpoints."""
+    """The training loop: steps, precision, devices, logging, checkpoints.
 
-    mode: str = "distill"
+    ``num_threads`` and ``deterministic`` are process-wide: the ``rcfast``
+    command applies them (:mod:`rcfast.train.runtime`, which also seeds the
+    process with ``seed``) before any model touches a device, and the trainer
+    only checks that they hold. ``seed`` also seeds the run itself (the
+    student's initialisation, terms' parameters, the data order), inside the
+    trainer's own RNG scope.
+    """
+
     max_steps: int = 1000
     precision: str = "fp32"
     device: str = "auto"
@@ -121,8 +147,6 @@ class TrainConfig:
     out_dir: str = "runs/consolidate"
     resume: str = "auto"
     progress: bool = True
-    ce_weight: float = 0.0
-    ce_head: Optional[str] = None
     loss_backend: str = "auto"
     sync_batchnorm: bool = False
     dist_backend: str = "auto"
@@ -136,14 +160,32 @@ class RunConfig:
     teachers: list[TeacherConfig] = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)
     tasks: list[TaskConfig] = field(default_factory=list)
+    objective: list[dict] = field(default_factory=list)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def student_heads(self) -> dict[str, int]:
+        """``{head: num_classes}`` of the student: ``student.heads``, else one per teacher, else one per task."""
+        if self.student.heads:
+            return dict(self.student.heads)
+        if self.teachers:
+            return {tc.name: tc.num_classes for tc in self.teachers}
+        return {task.name: task.num_classes for task in self.tasks}
+
+    def stream_infos(self) -> dict:
+        """``{stream: StreamInfo}``: ``proxy`` (when ``data.source`` is set), then each task."""
+        from rcfast.train.objectives import StreamInfo
+
+        streams = {}
+        if self.data.source:
+            streams[PROXY_STREAM] = StreamInfo(labels=self.data.labels)
+        for task in self.tasks:
+            streams[task.name] = StreamInfo(labels=True, num_classes=task.num_classes)
+        return streams
+
     def validate(self) -> "RunConfig":
-        """Check cross-field consistency; raise :class:`ConfigError` naming the key."""
+        """Check cross-field consistency, and the objective against the run; raise :class:`ConfigError` naming the key."""
         t = self.train
-        if t.mode not in MODES:
-            raise ConfigError(f"train.mode must be one of {MODES}, got {t.mode!r}")
         if t.precision not in PRECISIONS:
             raise ConfigError(f"train.precision must be one of {PRECISIONS}, got {t.precision!r}")
         if t.max_steps <= 0:
@@ -152,6 +194,8 @@ class RunConfig:
             raise ConfigError(f"train.log_every must be > 0, got {t.log_every}")
         if t.checkpoint_every < 0 or t.keep_checkpoints < 1:
             raise ConfigError("train.checkpoint_every must be >= 0 and train.keep_checkpoints >= 1")
+        if t.num_threads is not None and t.num_threads <= 0:
+            raise ConfigError(f"train.num_threads must be > 0 (or null), got {t.num_threads}")
         if self.optim.name not in OPTIMIZERS:
             raise ConfigError(f"optim.name must be one of {OPTIMIZERS}, got {self.optim.name!r}")
         if self.optim.impl not in OPTIMIZER_IMPLS:
@@ -164,40 +208,47 @@ class RunConfig:
             raise ConfigError("student.backbone must name a model")
         if self.data.batch_size <= 0 or self.data.image_size <= 0:
             raise ConfigError("data.batch_size and data.image_size must be > 0")
-        if t.mode == "distill":
-            if not self.teachers:
-                raise ConfigError("train.mode 'distill' needs at least one entry in teachers")
-            if not self.data.source:
-                raise ConfigError("train.mode 'distill' needs data.source (the proxy images)")
-            for i, tc in enumerate(self.teachers):
-                for key in ("name", "builder", "checkpoint"):
-                    if not getattr(tc, key):
-                        raise ConfigError(f"teachers[{i}].{key} must be set")
-                if tc.num_classes <= 0:
-                    raise ConfigError(f"teachers[{i}].num_classes must be > 0, got {tc.num_classes}")
-                if tc.temperature <= 0:
-                    raise ConfigError(f"teachers[{i}].temperature must be > 0, got {tc.temperature}")
-            _check_unique("teachers", [tc.name for tc in self.teachers])
-            if t.ce_weight > 0:
-                if not self.data.labels:
-                    raise ConfigError("train.ce_weight > 0 needs labeled proxy data (data.labels: true)")
-                if t.ce_head not in [tc.name for tc in self.teachers]:
-                    raise ConfigError(f"train.ce_head must name a teacher head, got {t.ce_head!r}")
-        else:
-            if not self.tasks:
-                raise ConfigError("train.mode 'supervised' needs at least one entry in tasks")
-            for i, task in enumerate(self.tasks):
-                if not task.name or not task.source or task.num_classes <= 0:
-                    raise ConfigError(f"tasks[{i}] needs a name, a source and num_classes > 0")
-            _check_unique("tasks", [task.name for task in self.tasks])
+        for i, tc in enumerate(self.teachers):
+            for key in ("name", "builder", "checkpoint"):
+                if not getattr(tc, key):
+                    raise ConfigError(f"teachers[{i}].{key} must be set")
+            if tc.num_classes <= 0:
+                raise ConfigError(f"teachers[{i}].num_classes must be > 0, got {tc.num_classes}")
+        _check_unique("teachers", [tc.name for tc in self.teachers], "teacher")
+        for i, task in enumerate(self.tasks):
+            if not task.name or not task.source or task.num_classes <= 0:
+                raise ConfigError(f"tasks[{i}] needs a name, a source and num_classes > 0")
+            if task.name == PROXY_STREAM:
+                raise ConfigError(f"tasks[{i}].name {PROXY_STREAM!r} is reserved for the proxy data (data.source)")
+        _check_unique("tasks", [task.name for task in self.tasks], "task")
+        for name, size in self.student.heads.items():
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"student.heads: head names must be non-empty strings, got {name!r}")
+            if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+                raise ConfigError(f"student.heads.{name} must be a positive number of classes, got {size!r}")
+        heads = self.student_heads()
+        if not heads:
+            raise ConfigError("the student has no heads: set student.heads {name: num_classes}, or give "
+                              "teachers (one head each) or tasks")
+        if not self.objective:
+            raise ConfigError("objective must list at least one term, e.g. objective: [{term: multihead_kd}] to "
+                              "distil every teacher into its head, or [{term: cross_entropy, head: <task>}]")
+        self._check_objective(heads)
         return self
 
+    def _check_objective(self, heads: dict[str, int]) -> None:
+        from rcfast.train.objectives import Objective, RunLayout
 
-def _check_unique(key: str, names: list[str]) -> None:
+        layout = RunLayout(heads=heads, teachers={tc.name: tc.num_classes for tc in self.teachers},
+                           streams=self.stream_infos(), loss_backend=self.train.loss_backend)
+        Objective.from_specs(self.objective).check_layout(layout)
+
+
+def _check_unique(key: str, names: list[str], what: str) -> None:
     seen = set()
     for name in names:
         if name in seen:
-            raise ConfigError(f"{key}: the name {name!r} is used twice; head names must be unique")
+            raise ConfigError(f"{key}: the name {name!r} is used twice; {what} names must be unique")
         seen.add(name)
 
 
@@ -263,12 +314,64 @@ def _from_dict(cls, data: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
+_LEGACY_KEYS = {"train": ("mode", "ce_weight", "ce_head"), "teachers": ("temperature", "weight"),
+                "tasks": ("weight",)}
+
+
+def _legacy_keys(data: dict) -> list[str]:
+    found = []
+    for section, keys in _LEGACY_KEYS.items():
+        value = data.get(section)
+        entries = [("", value)] if isinstance(value, dict) else (
+            [(f"[{i}]", e) for i, e in enumerate(value)] if isinstance(value, list) else [])
+        for where, entry in entries:
+            if isinstance(entry, dict):
+                found += [f"{section}{where}.{k}" for k in keys if k in entry]
+    return found
+
+
+def _legacy_objective(data: dict) -> list[dict]:
+    """The ``objective:`` that does what an old-form config (``train.mode`` ...) did."""
+    train = data.get("train") if isinstance(data.get("train"), dict) else {}
+    entries = [e for e in data.get("teachers") or [] if isinstance(e, dict)]
+    tasks = [e for e in data.get("tasks") or [] if isinstance(e, dict)]
+    if train.get("mode", "distill") == "supervised":
+        return [dict({"term": "cross_entropy", "head": task.get("name")},
+                     **({"weight": task["weight"]} if task.get("weight", 1.0) != 1.0 else {})) for task in tasks]
+
+    def per_teacher(key: str, default: float):
+        values = {e.get("name"): e.get(key, default) for e in entries}
+        distinct = set(values.values())
+        return next(iter(distinct)) if len(distinct) <= 1 else values
+
+    kd = {"term": "multihead_kd", "temperature": per_teacher("temperature", 4.0) if entries else 4.0}
+    weights = per_teacher("weight", 1.0) if entries else 1.0
+    if weights != 1.0:
+        kd["head_weights"] = weights
+    objective = [kd]
+    if train.get("ce_weight", 0.0):
+        objective.append({"term": "cross_entropy", "head": train.get("ce_head"), "weight": train["ce_weight"]})
+    return objective
+
+
+def _refuse_legacy(data: dict) -> None:
+    found = _legacy_keys(data)
+    if not found:
+        return
+    # One line of flow-style YAML: the CLI reports errors as one-liners.
+    snippet = yaml.safe_dump(_legacy_objective(data), sort_keys=False, default_flow_style=True, width=10**6).strip()
+    raise ConfigError(
+        f"this config is in the old form ({', '.join(found)}): a run's loss is now an objective of named "
+        f"terms. Remove those keys and write instead: objective: {snippet}")
+
+
 def config_from_dict(data: dict) -> RunConfig:
     """Build and validate a :class:`RunConfig` from a nested dict (parsed YAML)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"a run config must be a mapping at the top level, got {type(data).__name__}")
+    _refuse_legacy(data)
     return _from_dict(RunConfig, data).validate()
 
 

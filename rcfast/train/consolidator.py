@@ -1,43 +1,49 @@
-"""``Consolidator``: the training loop of representation consolidation.
+"""``Consolidator``: one training loop over an objective of named, weighted terms.
 
-Two modes share one loop (AMP, fused optimiser, warm-up + cosine schedule,
-gradient clipping, tqdm, JSONL metrics, atomic checkpoints with exact resume,
-DDP under ``torchrun``):
+The student (a :class:`~rcfast.models.MultiHeadStudent`) is trained on the sum
+of the objective's terms (:mod:`rcfast.train.objectives`): ``multihead_kd`` of
+teachers on unlabeled proxy images is representation consolidation (all task
+teachers + a generalist), single-head KD (one teacher) or multi-teacher KD;
+``cross_entropy`` per head on its own labeled task is the multi-task "oracle"
+(or a teacher, with one task); terms combine freely. The loop never learns a
+term's name: each term declares its inputs, :class:`~rcfast.train.step_inputs.InputPlan`
+computes each of them once per step.
 
-- ``distill``: the student's packed heads mimic teachers on unlabeled proxy
-  images through one call of :func:`rcfast.multihead_kd_loss` (optionally plus
-  hard-label cross-entropy on one head when the proxy data has labels). The
-  teacher set decides the method: all task teachers + a generalist is RepCon,
-  one task teacher is single-head KD, task teachers only is multi-teacher KD.
-- ``supervised``: every head is trained with cross-entropy on its own labeled
-  task (one batch of each per step, one forward of the concatenation): the
-  multi-task "oracle", or a teacher when there is a single task.
+Around that: AMP (bf16, or fp16 with GradScaler), fused optimiser, warm-up +
+cosine schedule, gradient clipping, tqdm, JSONL metrics (per-term losses),
+atomic checkpoints with exact resume (student, the terms' own parameters,
+optimiser, scaler, schedule, RNG, data position), DDP under ``torchrun``.
+
+The trainer leaves the caller's process as it found it: it does not set
+threads, determinism or cuBLAS workspace (:mod:`rcfast.train.runtime` does,
+called by the ``rcfast`` command; the trainer only checks them), and it seeds
+and draws from the global RNGs only inside :func:`~rcfast.train.checkpoint.isolated_rng`.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from rcfast.models import MultiHeadStudent, build_student
-from rcfast.ops.multihead_kd import multihead_kd_loss
-from rcfast.train.checkpoint import (atomic_save, capture_rng_state, checkpoint_path, latest_checkpoint,
-                                     load_checkpoint, prune_checkpoints, restore_rng_state)
-from rcfast.train.config import OptimConfig, RunConfig, TrainConfig, config_to_dict, dump_config
+from rcfast.train.checkpoint import (atomic_save, capture_rng_state, checkpoint_path, isolated_rng,
+                                     latest_checkpoint, load_checkpoint, prune_checkpoints, restore_rng_state,
+                                     seed_everything)
+from rcfast.train.config import PROXY_STREAM, OptimConfig, RunConfig, TrainConfig, config_to_dict, dump_config
 from rcfast.train.distributed import DistContext, setup_distributed
 from rcfast.train.metrics import MetricsWriter
+from rcfast.train.objectives import Objective, RunLayout, StreamInfo
 from rcfast.train.optim import build_optimizer, build_scheduler
+from rcfast.train.runtime import check_runtime
+from rcfast.train.step_inputs import InputPlan
 from rcfast.train.streams import DataStream
-from rcfast.train.teachers import TeacherEnsemble, load_teacher
+from rcfast.train.teachers import OnlineTeachers, TeacherSource, load_teacher
 
 __all__ = ["Consolidator", "CHECKPOINT_FORMAT"]
 
@@ -45,51 +51,42 @@ CHECKPOINT_FORMAT = "rcfast.consolidator/1"
 _AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _seed_everything(seed: int) -> None:
-    import random
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _per_head(name: str, value, heads) -> dict[str, float]:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return {h: float(value) for h in heads}
-    if not isinstance(value, Mapping):
-        raise TypeError(f"{name} must be a float or a {{head: float}} mapping, got {type(value).__name__}")
-    missing = [h for h in heads if h not in value]
-    unknown = [k for k in value if k not in heads]
-    if missing or unknown:
-        raise ValueError(f"{name} must give one value per head {list(heads)} (missing {missing}, unknown {unknown})")
-    return {h: float(value[h]) for h in heads}
+def _stream_info(dataset) -> StreamInfo:
+    num_classes = getattr(dataset, "num_classes", None)
+    return StreamInfo(labels=bool(getattr(dataset, "labels", False)),
+                      num_classes=num_classes if isinstance(num_classes, int) else None)
 
 
 class Consolidator:
-    """Train a :class:`~rcfast.models.MultiHeadStudent` by distillation or supervision.
+    """Train a :class:`~rcfast.models.MultiHeadStudent` on an objective.
 
     Args:
         student: the student; its head names/sizes define the packed layout.
-        data: distill mode: the proxy dataset (``ProxyImages`` interface;
-            batches of images, or ``(images, labels)`` with ``ce_weight > 0``).
-        teachers: distill mode: ``{head_name: nn.Module}`` producing ``[B, C_h]``.
-        temperatures, weights: distill mode: one float for all heads or
-            ``{head_name: float}``.
-        tasks: supervised mode: ``{head_name: labeled dataset}``.
-        task_weights: supervised mode: weight of each head's cross-entropy.
+        objective: an :class:`~rcfast.train.objectives.Objective`, or its
+            YAML-style specs (``[{"term": "multihead_kd", "weight": 1.0}, ...]``).
+        data: the data streams: one dataset (the stream ``"proxy"``) or
+            ``{stream: dataset}`` (``"proxy"`` and/or labeled tasks by name),
+            each with the ``rcfast.data.ProxyImages`` interface. Streams are
+            drawn, and concatenated for the student's forward, in this order.
+        teachers: ``{name: nn.Module}`` (run online) or a
+            :class:`~rcfast.train.teachers.TeacherSource`; ``None`` without teachers.
         train, optim: loop and optimiser settings.
         run_config: the full config, stored in checkpoints (for ``rcfast eval``).
         dist_context: an existing :class:`DistContext` (default: set one up
             from the ``torchrun`` environment).
+        example_images: a small batch like the data's, for terms that measure
+            layer shapes when they build parameters (``from_config`` passes one).
 
-    ``fit()`` runs to ``train.max_steps`` (resuming first per ``train.resume``)
-    and returns a summary dict.
+    The objective is bound (every term's inputs checked) here, before any
+    training. ``fit()`` runs to ``train.max_steps`` (resuming first per
+    ``train.resume``) and returns a summary dict.
     """
 
-    def __init__(self, student: MultiHeadStudent, data=None, *, teachers: Mapping[str, nn.Module] | None = None,
-                 temperatures: float | Mapping[str, float] = 4.0, weights: float | Mapping[str, float] = 1.0,
-                 tasks: Mapping[str, object] | None = None, task_weights: float | Mapping[str, float] = 1.0,
+    def __init__(self, student: MultiHeadStudent, objective: Objective | Sequence[Mapping],
+                 data=None, *, teachers: Mapping[str, nn.Module] | TeacherSource | None = None,
                  train: TrainConfig | None = None, optim: OptimConfig | None = None,
-                 run_config: RunConfig | None = None, dist_context: DistContext | None = None) -> None:
+                 run_config: RunConfig | None = None, dist_context: DistContext | None = None,
+                 example_images: torch.Tensor | None = None) -> None:
         if not isinstance(student, MultiHeadStudent):
             raise TypeError(f"student must be a MultiHeadStudent, got {type(student).__name__}")
         self.train_cfg = train or TrainConfig()
@@ -98,14 +95,7 @@ class Consolidator:
         cfg = self.train_cfg
         self.ctx = dist_context or setup_distributed(cfg.device, cfg.dist_backend)
         self.device = self.ctx.device
-        if cfg.num_threads is not None:
-            torch.set_num_threads(cfg.num_threads)
-        if cfg.deterministic:
-            if self.device.type == "cuda":
-                # cuBLAS is deterministic only with a fixed workspace (set before its first use).
-                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
-            torch.backends.cudnn.benchmark = False
+        check_runtime(cfg, self.device)
         if cfg.precision not in _AMP_DTYPES:
             raise ValueError(f"train.precision must be one of {list(_AMP_DTYPES)}, got {cfg.precision!r}")
         self.amp_dtype = _AMP_DTYPES[cfg.precision]
@@ -113,43 +103,52 @@ class Consolidator:
             raise ValueError("train.precision='fp16' needs a CUDA device (fp16 without a GPU has no "
                              "GradScaler support); use 'bf16' on CPU")
 
-        heads = student.head_names
-        self.mode = cfg.mode
-        self.streams: dict[str, DataStream] = {}
-        if self.mode == "distill":
-            if teachers is None or data is None:
-                raise ValueError("mode 'distill' needs teachers and data (the proxy dataset)")
-            self.temperatures = _per_head("temperatures", temperatures, heads)
-            self.weights = _per_head("weights", weights, heads)
-            if any(t <= 0 for t in self.temperatures.values()):
-                raise ValueError(f"temperatures must be > 0, got {self.temperatures}")
-            self.ensemble = TeacherEnsemble(teachers, heads, student.splits, self._autocast).to(self.device)
-            self.streams["proxy"] = DataStream("proxy", data)
-            if cfg.ce_weight > 0 and cfg.ce_head not in heads:
-                raise ValueError(f"train.ce_head must be one of the heads {list(heads)}, got {cfg.ce_head!r}")
-        elif self.mode == "supervised":
-            if tasks is None:
-                raise ValueError("mode 'supervised' needs tasks={head_name: labeled dataset}")
-            if list(tasks) != list(heads):
-                raise ValueError(f"tasks {list(tasks)} must be the student's heads {list(heads)}, in order")
-            self.task_weights = _per_head("task_weights", task_weights, heads)
-            for name, dataset in tasks.items():
-                self.streams[name] = DataStream(name, dataset)
-        else:
-            raise ValueError(f"train.mode must be 'distill' or 'supervised', got {self.mode!r}")
-
+        datasets = {} if data is None else (dict(data) if isinstance(data, Mapping) else {PROXY_STREAM: data})
+        self.streams: dict[str, DataStream] = {name: DataStream(name, ds) for name, ds in datasets.items()}
         for name, stream in self.streams.items():
             self._check_shard(name, stream.dataset)
+        if teachers is None:
+            self.teachers: TeacherSource | None = None
+        elif isinstance(teachers, TeacherSource):
+            self.teachers = teachers
+        else:
+            self.teachers = OnlineTeachers(teachers)
+        if isinstance(self.teachers, OnlineTeachers) and self.teachers.autocast is None:
+            self.teachers.autocast = self._autocast  # teachers run in the run's precision
+        if self.teachers is not None:
+            self.teachers.to(self.device)
         self.student = student.to(self.device)
         if cfg.sync_batchnorm:
             if self.device.type != "cuda":
                 raise ValueError("train.sync_batchnorm needs CUDA devices (torch's SyncBatchNorm is GPU-only)")
             self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+
+        self.objective = objective if isinstance(objective, Objective) else Objective.from_specs(objective)
+        layout = RunLayout(
+            heads=dict(zip(self.student.head_names, self.student.splits)),
+            teachers=dict(self.teachers.num_classes) if self.teachers is not None else {},
+            streams={name: _stream_info(s.dataset) for name, s in self.streams.items()},
+            loss_backend=cfg.loss_backend, student=self.student,
+            teacher_models=self.teachers.models if self.teachers is not None else None,
+            example_images=example_images)
+        with isolated_rng():
+            seed_everything(cfg.seed)  # terms' own parameters start the same in every run (and rank)
+            inputs = self.objective.bind(layout)
+        self.objective.to(self.device)
+
         self.model: nn.Module = self.student
+        self.objective_model: nn.Module = self.objective
         if self.ctx.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.student, device_ids=device_ids)
-        self.optimizer = build_optimizer(self.student, self.optim_cfg, self.device)
+            if self.objective.has_trainable_parameters():
+                # The terms' own parameters (encoders, a peer model) are averaged over ranks too.
+                self.objective_model = nn.parallel.DistributedDataParallel(self.objective, device_ids=device_ids)
+        self.inputs = InputPlan(inputs, list(self.streams), self.student, self.model, self.teachers,
+                                layout.heads, self.device, self._autocast)
+        # Student parameters first, then the terms': the optimiser's state order is stable.
+        self.trainable = nn.ModuleList([self.student, self.objective])
+        self.optimizer = build_optimizer(self.trainable, self.optim_cfg, self.device)
         self.scheduler = build_scheduler(self.optimizer, self.optim_cfg, cfg.max_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.step = 0
@@ -161,18 +160,18 @@ class Consolidator:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_config(cls, config: RunConfig) -> "Consolidator":
-        """Build student, teachers (from their checkpoints) and ``ProxyImages`` data from a config."""
+        """Build student, teachers (from their checkpoints) and ``ProxyImages`` data streams from a config.
+
+        Run-wide process settings are not applied here (see
+        :func:`rcfast.train.runtime.apply_runtime`); the caller's RNG states are
+        left as they were.
+        """
         from rcfast.data import ProxyImages  # the data pipeline is needed only for config-driven runs
+        from rcfast.train.init_from import init_student_from
 
         config.validate()
         t = config.train
         ctx = setup_distributed(t.device, t.dist_backend)
-        _seed_everything(t.seed)  # same initial student on every rank (DDP also broadcasts it)
-        if t.mode == "distill":
-            heads = {tc.name: tc.num_classes for tc in config.teachers}
-        else:
-            heads = {task.name: task.num_classes for task in config.tasks}
-        student = build_student(config.student.backbone, heads, **config.student.backbone_kwargs)
         d = config.data
 
         def proxy(source: str, labels: bool) -> ProxyImages:
@@ -183,7 +182,12 @@ class Consolidator:
                                drop_last=d.drop_last, backend=d.backend, num_threads=d.num_threads,
                                shuffle=d.shuffle)
 
-        if t.mode == "distill":
+        with isolated_rng():
+            seed_everything(t.seed)  # the same initial student on every rank (DDP also broadcasts it)
+            student = build_student(config.student.backbone, config.student_heads(),
+                                    **config.student.backbone_kwargs)
+            if config.student.init_from:
+                init_student_from(student, config.student.init_from)
             teachers = {}
             probe = torch.zeros(1, 3, d.image_size, d.image_size, device=ctx.device)
             for tc in config.teachers:
@@ -194,13 +198,18 @@ class Consolidator:
                     raise ValueError(f"teacher {tc.name!r} ({tc.builder}) outputs {tuple(out.shape)} logits, "
                                      f"but teachers[].num_classes is {tc.num_classes}")
                 teachers[tc.name] = teacher
-            return cls(student, proxy(d.source, labels=d.labels), teachers=teachers,
-                       temperatures={tc.name: tc.temperature for tc in config.teachers},
-                       weights={tc.name: tc.weight for tc in config.teachers},
-                       train=t, optim=config.optim, run_config=config, dist_context=ctx)
-        tasks = {task.name: proxy(task.source, labels=True) for task in config.tasks}
-        return cls(student, tasks=tasks, task_weights={task.name: task.weight for task in config.tasks},
-                   train=t, optim=config.optim, run_config=config, dist_context=ctx)
+        data = {}
+        if d.source:
+            data[PROXY_STREAM] = proxy(d.source, labels=d.labels)
+        for task in config.tasks:
+            data[task.name] = proxy(task.source, labels=True)
+        teacher_source = None
+        if teachers:
+            teacher_source = OnlineTeachers(teachers, num_classes={tc.name: tc.num_classes for tc in config.teachers})
+        trainer = cls(student, Objective.from_specs(config.objective), data, teachers=teacher_source, train=t,
+                      optim=config.optim, run_config=config, dist_context=ctx,
+                      example_images=torch.zeros(2, 3, d.image_size, d.image_size))
+        return trainer
 
     def _check_shard(self, name: str, dataset) -> None:
         """Every rank must read its own shard, or DDP silently trains on duplicated data."""
@@ -219,80 +228,25 @@ class Consolidator:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(self.device, non_blocking=True)
-
-    def _distill_loss(self):
-        batch = self.streams["proxy"].next()
-        labels = None
-        if isinstance(batch, (tuple, list)):
-            images, labels = batch
-        else:
-            images = batch
-        images = self._to_device(images)
-        teacher_logits = self.ensemble(images)
-        with self._autocast():
-            student_logits = self.model(images)
-        heads = self.student.head_names
-        loss = multihead_kd_loss(student_logits, teacher_logits, splits=self.student.splits,
-                                 temperature=[self.temperatures[h] for h in heads],
-                                 weights=[self.weights[h] for h in heads],
-                                 reduction="batchmean", backend=self.train_cfg.loss_backend)
-        if self.train_cfg.ce_weight > 0:
-            if labels is None:
-                raise ValueError("train.ce_weight > 0 but the proxy data yields no labels (data.labels: true)")
-            cols = self.student.head_slices()[self.train_cfg.ce_head]
-            loss = loss + self.train_cfg.ce_weight * F.cross_entropy(
-                student_logits[:, cols].float(), self._to_device(labels))
-        return loss, images.shape[0], (student_logits, teacher_logits)
-
-    def _supervised_loss(self):
-        batches = [self.streams[name].next() for name in self.student.head_names]
-        for name, batch in zip(self.student.head_names, batches):
-            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-                raise ValueError(f"task {name!r} must yield (images, labels) batches")
-        # One forward over all tasks' images: every head's GEMM is the one packed GEMM.
-        images = self._to_device(torch.cat([b[0] for b in batches]))
-        with self._autocast():
-            logits = self.model(images)
-        loss, row = 0.0, 0
-        head_losses = {}
-        for name, cols, (task_images, labels) in zip(self.student.head_names, self.student.head_slices().values(),
-                                                     batches):
-            rows = slice(row, row + task_images.shape[0])
-            row += task_images.shape[0]
-            head_loss = F.cross_entropy(logits[rows, cols].float(), self._to_device(labels))
-            head_losses[name] = head_loss.detach()
-            loss = loss + self.task_weights[name] * head_loss
-        return loss, images.shape[0], head_losses
-
-    @torch.no_grad()
-    def _head_losses(self, extra) -> dict[str, torch.Tensor]:
-        """Per-head losses for logging; computed only on logging steps."""
-        if self.mode == "supervised":
-            return extra
-        student_logits, teacher_logits = extra
-        out = {}
-        for name, cols in self.student.head_slices().items():
-            out[name] = multihead_kd_loss(student_logits[:, cols], teacher_logits[:, cols],
-                                          temperature=self.temperatures[name], weights=[self.weights[name]],
-                                          backend=self.train_cfg.loss_backend)
-        return out
-
     def train_step(self):
-        """One optimiser step; returns ``(loss, images_in_this_rank's_batch, extra)``."""
+        """One optimiser step; returns ``(loss, term values, images this rank drew, step inputs)``."""
         self.model.train()
-        loss, batch_images, extra = self._distill_loss() if self.mode == "distill" else self._supervised_loss()
+        self.objective.train()
+        batches = {name: self.streams[name].next() for name in self.inputs.streams}
+        positions = {name: self.streams[name].position() for name in self.inputs.streams}
+        step_inputs = self.inputs.compute(batches, self.step, positions)
+        loss, values = self.objective_model(step_inputs)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.optim_cfg.clip_grad_norm:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.student.parameters(), self.optim_cfg.clip_grad_norm)
+            nn.utils.clip_grad_norm_(self.trainable.parameters(), self.optim_cfg.clip_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.step += 1
-        return loss, batch_images, extra
+        images = sum(step_inputs.batch_sizes.values())
+        return loss, values, images, step_inputs
 
     # ------------------------------------------------------------------ checkpoints
     def _rank_state(self) -> dict:
@@ -307,6 +261,7 @@ class Consolidator:
             "world_size": self.ctx.world_size,
             "heads": {"names": list(self.student.head_names), "splits": list(self.student.splits)},
             "model": self.student.state_dict(),
+            "objective": self.objective.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -334,6 +289,7 @@ class Consolidator:
             raise ValueError(f"checkpoint was written by {state['world_size']} processes; resume it with the "
                              f"same number (got {self.ctx.world_size}) so data shards and RNG line up")
         self.student.load_state_dict(state["model"])
+        self.objective.load_state_dict(state.get("objective", {}))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -365,13 +321,33 @@ class Consolidator:
         """Train to ``train.max_steps``, then export ``final.pt``.
 
         Returns ``{steps, resumed_from, loss, images_per_sec, wall_time_s, checkpoint, final}``.
+        The global RNGs are seeded (or restored from the checkpoint) for the run
+        and put back as the caller had them when ``fit`` returns.
         """
+        with isolated_rng():
+            return self._fit()
+
+    def _log_record(self, loss, values, step_inputs, interval_images: int, elapsed: float) -> dict:
+        """The metrics record of this step (values averaged over ranks)."""
+        parts = self.objective.parts(step_inputs)
+        flat = [loss.detach().float()] + [v.float() for v in values.values()]
+        flat += [v.float() for term_parts in parts.values() for v in term_parts.values()]
+        means = iter(self.ctx.mean(torch.stack(flat)).tolist())
+        record = {"step": self.step, "loss": next(means), "terms": {name: next(means) for name in values}}
+        if parts:
+            record["parts"] = {name: {k: next(means) for k in term_parts} for name, term_parts in parts.items()}
+        record.update({"lr": self.scheduler.get_last_lr()[0],
+                       "images_per_sec": interval_images / max(elapsed, 1e-9),
+                       "epoch": {n: s.epoch for n, s in self.streams.items()}})
+        return record
+
+    def _fit(self) -> dict:
         cfg = self.train_cfg
         resumed_from = self._resume_path()
         if resumed_from is not None:
             self.load_state_dict(load_checkpoint(resumed_from, map_location="cpu"))
         else:
-            _seed_everything(cfg.seed + self.ctx.rank)
+            seed_everything(cfg.seed + self.ctx.rank)
         if self.ctx.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._remove_stale_temp_files()
@@ -379,36 +355,34 @@ class Consolidator:
                 dump_config(self.run_config, self.out_dir / "config.yaml")
             self.metrics.truncate_after(self.step)
         bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=not (cfg.progress and self.ctx.is_main), desc=f"rcfast {self.mode}")
+                   disable=not (cfg.progress and self.ctx.is_main), desc="rcfast")
         last_loss = float("nan")
         run_start = interval_start = time.perf_counter()
         interval_images = total_images = 0
         last_saved = self.step if resumed_from is not None else None
         try:
             while self.step < cfg.max_steps:
-                loss, batch_images, extra = self.train_step()
+                loss, values, batch_images, step_inputs = self.train_step()
                 interval_images += batch_images * self.ctx.world_size
                 total_images += batch_images * self.ctx.world_size
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                    elapsed = time.perf_counter() - interval_start
-                    heads = self._head_losses(extra)
-                    values = self.ctx.mean(torch.stack([loss.detach().float()] +
-                                                       [v.float() for v in heads.values()])).tolist()
-                    last_loss = values[0]
+                    record = self._log_record(loss, values, step_inputs, interval_images,
+                                              time.perf_counter() - interval_start)
+                    last_loss = record["loss"]
                     # Checked here, where the loss is on the host anyway: a per-step check
                     # would synchronise a GPU every step.
                     if not math.isfinite(last_loss) and not self.scaler.is_enabled():
-                        raise FloatingPointError(f"loss is {last_loss} at step {self.step}")
-                    record = {"step": self.step, "loss": values[0],
-                              "head_loss": dict(zip(heads.keys(), values[1:])),
-                              "lr": self.scheduler.get_last_lr()[0],
-                              "images_per_sec": interval_images / max(elapsed, 1e-9),
-                              "epoch": {n: s.epoch for n, s in self.streams.items()}}
-                    bar.set_postfix(loss=f"{values[0]:.4f}", img_s=f"{record['images_per_sec']:.0f}")
+                        raise FloatingPointError(f"loss is {last_loss} at step {self.step} (terms: {record['terms']})")
+                    postfix = {"loss": f"{last_loss:.4f}"}
+                    if len(record["terms"]) > 1:
+                        postfix.update({name: f"{v:.4f}" for name, v in record["terms"].items()})
+                    postfix["img_s"] = f"{record['images_per_sec']:.0f}"
+                    bar.set_postfix(postfix)
                     if self.metrics is not None:
                         self.metrics.write(record)
                     interval_start, interval_images = time.perf_counter(), 0
+                del step_inputs  # the step's activations are not kept past logging
                 for callback in self.callbacks:
                     callback(self)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:

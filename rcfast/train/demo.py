@@ -2,14 +2,16 @@
 
 1. ``rcfast.data.demo_dataset`` writes the digits splits (teacher data, an
    unlabeled proxy split, held-out downstream tasks).
-2. Three teachers are trained (supervised mode): a generalist on all ten
-   digits and two task-specific ones (digits 0-4, digits 5-9).
+2. Three teachers are trained (objective ``cross_entropy`` on their labeled
+   task): a generalist on all ten digits and two task-specific ones (digits
+   0-4, digits 5-9).
 3. Four students are trained with the same backbone and step budget:
    (a) single-head KD from task teacher A, (b) RepCon (both task teachers + the
    generalist), (c) multi-teacher KD without the generalist, all on the
-   unlabeled proxy images, and (d) the multi-task oracle trained with labels on
-   the teachers' own data (one head per teacher task, the batch split over the
-   tasks so it sees as many images per step as the students).
+   unlabeled proxy images (objective ``multihead_kd``), and (d) the multi-task
+   oracle trained with labels on the teachers' own data (one ``cross_entropy``
+   term per head on its own task, the batch split over the tasks so it sees as
+   many images per step as the students).
 4. Every backbone (the students', the oracle's, the teachers', and a randomly
    initialised one) is frozen and scored on each downstream task by a linear
    probe and kNN.
@@ -35,6 +37,7 @@ from rcfast.eval.report import bar_chart, format_table, markdown_table
 from rcfast.models import build_classifier, build_model, classifier_backbone
 from rcfast.train.config import (DataConfig, OptimConfig, RunConfig, StudentConfig, TaskConfig, TeacherConfig,
                                  TrainConfig, dump_config, load_config)
+from rcfast.train.checkpoint import isolated_rng, seed_everything
 from rcfast.train.consolidator import Consolidator
 from rcfast.train.teachers import extract_model_state
 
@@ -73,8 +76,8 @@ def _data(settings: DemoSettings, source: str = "") -> DataConfig:
                       num_threads=settings.num_threads, drop_last=True)
 
 
-def _train(settings: DemoSettings, out: Path, steps: int, mode: str) -> TrainConfig:
-    return TrainConfig(mode=mode, max_steps=steps, precision=settings.precision, seed=settings.seed,
+def _train(settings: DemoSettings, out: Path, steps: int) -> TrainConfig:
+    return TrainConfig(max_steps=steps, precision=settings.precision, seed=settings.seed,
                        log_every=max(1, steps // 10), checkpoint_every=0, keep_checkpoints=1,
                        out_dir=str(out), resume="none", progress=True)
 
@@ -100,13 +103,13 @@ def demo_configs(manifest: dict, out: Path, settings: DemoSettings) -> dict[str,
     for name, task in teacher_tasks.items():
         configs[f"teacher_{name}"] = RunConfig(
             student=_student(settings), tasks=[task], data=_data(settings),
+            objective=[{"term": "cross_entropy", "head": name}],
             optim=_optim(settings, settings.teacher_steps),
-            train=_train(settings, runs / f"teacher_{name}", settings.teacher_steps, "supervised"))
+            train=_train(settings, runs / f"teacher_{name}", settings.teacher_steps))
 
     def teacher(name: str) -> TeacherConfig:
         return TeacherConfig(name=name, builder=BACKBONE, num_classes=teacher_tasks[name].num_classes,
                              checkpoint=str(runs / f"teacher_{name}" / "final.pt"),
-                             temperature=settings.temperature, weight=1.0,
                              builder_kwargs={"width": settings.width}, generalist=name == "generalist")
 
     students = {
@@ -117,17 +120,20 @@ def demo_configs(manifest: dict, out: Path, settings: DemoSettings) -> dict[str,
     for name, teacher_names in students.items():
         configs[name] = RunConfig(
             student=_student(settings), teachers=[teacher(t) for t in teacher_names],
-            data=_data(settings, manifest["proxy"]["path"]), optim=_optim(settings, settings.student_steps),
-            train=_train(settings, runs / name, settings.student_steps, "distill"))
+            data=_data(settings, manifest["proxy"]["path"]),
+            objective=[{"term": "multihead_kd", "temperature": settings.temperature}],
+            optim=_optim(settings, settings.student_steps),
+            train=_train(settings, runs / name, settings.student_steps))
     oracle_tasks = [teacher_tasks[t] for t in ("task_a", "task_b", "generalist")]
-    # Supervised mode draws one batch per task each step; splitting the batch size
-    # over the tasks gives the oracle as many images per step as the students.
+    # Each task stream yields one batch per step; splitting the batch size over
+    # the tasks gives the oracle as many images per step as the students.
     oracle_data = _data(settings)
     oracle_data.batch_size = max(1, settings.batch_size // len(oracle_tasks))
     configs["oracle_multitask"] = RunConfig(
         student=_student(settings), tasks=oracle_tasks,
+        objective=[{"term": "cross_entropy", "head": task.name} for task in oracle_tasks],
         data=oracle_data, optim=_optim(settings, settings.student_steps),
-        train=_train(settings, runs / "oracle_multitask", settings.student_steps, "supervised"))
+        train=_train(settings, runs / "oracle_multitask", settings.student_steps))
     return configs
 
 
@@ -184,8 +190,9 @@ def run_demo(out_dir: str | Path = "rcfast-demo", quick: bool = False, settings:
     train_seconds = time.perf_counter() - started
 
     # Backbones to evaluate: a fresh random one, the teachers', the students'.
-    torch.manual_seed(settings.seed)
-    backbones = {"random_init": build_model(BACKBONE, width=settings.width)}
+    with isolated_rng():  # a seeded random backbone, without reseeding the caller's RNG
+        seed_everything(settings.seed)
+        backbones = {"random_init": build_model(BACKBONE, width=settings.width)}
     teacher_accuracy = {}
     for name in ("teacher_generalist", "teacher_task_a", "teacher_task_b"):
         task = configs[name].tasks[0]

@@ -56,6 +56,19 @@ class DataStream:
             raise RuntimeError(f"dataset {self.name!r} yields no batches (len={len(self.dataset)}); "
                                "are there fewer images than one batch with drop_last?") from None
 
+    def position(self) -> tuple[int, int] | None:
+        """``(epoch, batch index within it)`` of the batch :meth:`next` returned last.
+
+        Read from the dataset's ``state_dict`` (``epoch``, ``batches_consumed``,
+        counted when a batch is handed out); ``None`` for a dataset without them.
+        With ``dataset.epoch_indices(epoch)`` this names the batch's samples
+        (what a cache of teacher outputs is keyed on).
+        """
+        state = self.dataset.state_dict()
+        if "epoch" not in state or "batches_consumed" not in state:
+            return None
+        return int(state["epoch"]), int(state["batches_consumed"]) - 1
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "dataset": self.dataset.state_dict()}
 

@@ -1,25 +1,33 @@
-"""Teachers: loading them from checkpoints and packing their logits for the fused loss.
+"""Teachers: loading them from checkpoints, and the one interface the trainer gets teacher outputs through.
 
 A teacher checkpoint is data: it is read with ``torch.load(weights_only=True)``
 into an architecture built by name (:func:`rcfast.models.build_classifier`).
-:class:`TeacherEnsemble` runs all teachers in ``eval()`` under
+
+"Where teacher logits come from" is :class:`TeacherSource`: the trainer asks
+it, once per step and data stream, for the packed logits of some teachers (and,
+where terms need them, features of named teacher layers).
+:class:`OnlineTeachers` runs teacher models in ``eval()`` under
 ``torch.inference_mode()`` (and the run's autocast) and writes their logits
-side by side into one preallocated ``[B, sum(C_h)]`` buffer in head order --
-the packed teacher tensor :func:`rcfast.multihead_kd_loss` takes.
+side by side into a reused ``[B, sum(C_t)]`` buffer -- the packed layout
+:func:`rcfast.multihead_kd_loss` takes. A cache of precomputed logits is another
+``TeacherSource``.
 """
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
 
 from rcfast.models import build_classifier
 from rcfast.train.config import TeacherConfig
+from rcfast.train.hooks import LayerCapture
 
-__all__ = ["load_teacher", "TeacherEnsemble", "extract_model_state"]
+__all__ = ["load_teacher", "extract_model_state", "TeacherSource", "TeacherRequest", "TeacherOutputs",
+           "OnlineTeachers"]
 
 
 def extract_model_state(checkpoint) -> dict:
@@ -67,59 +75,138 @@ def load_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu") -> nn.M
     return model.to(device).eval().requires_grad_(False)
 
 
-class TeacherEnsemble:
-    """All teachers, producing one packed ``[B, sum(C_h)]`` logit tensor per batch.
+@dataclass
+class TeacherRequest:
+    """What one step needs from the teachers on one data stream.
 
-    Args:
-        teachers: ``{head_name: module}``; every module maps images to ``[B, C_h]``.
-        head_names: the packed order (the student's heads).
-        splits: ``C_h`` per head, in the same order.
-        autocast: a zero-argument callable returning the autocast context to
-            run the teachers in (``contextlib.nullcontext`` for none).
+    ``teachers``: whose logits, packed side by side in this order;
+    ``layers``: ``{teacher: (layer, ...)}`` intermediate outputs to capture;
+    ``stream``/``step``: where the images come from; ``position``: the
+    batch's ``(epoch, batch index in the epoch)`` in its stream when the
+    dataset reports it (with the dataset's ``epoch_indices(epoch)`` it names
+    the samples -- what a cache of teacher outputs is keyed on);
+    ``images``: the batch on the training device.
     """
 
-    def __init__(self, teachers: Mapping[str, nn.Module], head_names: Sequence[str], splits: Sequence[int],
-                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
-        missing = [h for h in head_names if h not in teachers]
-        extra = [t for t in teachers if t not in head_names]
-        if missing or extra:
-            raise ValueError(f"teachers {sorted(teachers)} must match the student's heads {list(head_names)} "
-                             f"(no teacher for {missing}; no head for {extra})")
-        self.head_names = tuple(head_names)
-        self.splits = tuple(splits)
-        self.teachers = [teachers[h] for h in self.head_names]
-        self.autocast = autocast
-        self._buffer: torch.Tensor | None = None
-        for teacher in self.teachers:
-            teacher.eval().requires_grad_(False)
+    stream: str
+    step: int
+    images: torch.Tensor
+    teachers: tuple[str, ...]
+    layers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    position: tuple[int, int] | None = None
 
-    def to(self, device) -> "TeacherEnsemble":
-        self.teachers = [t.to(device) for t in self.teachers]
-        self._buffer = None
+
+@dataclass
+class TeacherOutputs:
+    """``logits``: ``[B, sum(C_t)]`` in the request's teacher order (no gradient);
+    ``layers``: ``{(teacher, layer): tensor}`` (no gradient)."""
+
+    logits: torch.Tensor
+    layers: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
+
+
+class TeacherSource:
+    """Where a run's teacher outputs come from (the interface the trainer uses).
+
+    Subclasses set ``num_classes`` (``{teacher: C_t}``, in a fixed order) and
+    ``models`` (``{teacher: nn.Module}`` for layer hooks and shape probes, or
+    ``None`` when there are none, e.g. a logit cache), and implement
+    :meth:`__call__`. :meth:`to` moves whatever lives on a device.
+    """
+
+    num_classes: dict[str, int]
+    models: Mapping[str, nn.Module] | None = None
+
+    def __call__(self, request: TeacherRequest) -> TeacherOutputs:
+        raise NotImplementedError
+
+    def to(self, device) -> "TeacherSource":
         return self
 
-    def _packed_buffer(self, batch: int, like: torch.Tensor) -> torch.Tensor:
-        buf = self._buffer
+
+def _num_classes(name: str, module: nn.Module) -> int:
+    last = None
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            last = sub
+    if last is None:
+        raise ValueError(f"teacher {name!r} has no nn.Linear classifier to read its number of classes from; "
+                         "pass num_classes={teacher: C}")
+    return int(last.out_features)
+
+
+class OnlineTeachers(TeacherSource):
+    """Teacher models run on every step's images (in ``eval()``, ``inference_mode``, the run's autocast).
+
+    Args:
+        teachers: ``{name: module}``; each maps images to ``[B, C_t]`` logits.
+        num_classes: ``{name: C_t}`` (default: the ``out_features`` of each
+            model's last ``nn.Linear``); checked against the logits every step.
+        autocast: a zero-argument callable returning the autocast context
+            (default ``None``: the trainer's, set by the ``Consolidator``).
+    """
+
+    def __init__(self, teachers: Mapping[str, nn.Module], num_classes: Mapping[str, int] | None = None,
+                 autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> None:
+        if not isinstance(teachers, Mapping):
+            raise TypeError(f"teachers must be a {{name: nn.Module}} mapping, got {type(teachers).__name__}")
+        for name, module in teachers.items():
+            if not isinstance(module, nn.Module):
+                raise TypeError(f"teacher {name!r} must be an nn.Module, got {type(module).__name__}")
+        self.models = dict(teachers)
+        if num_classes is None:
+            self.num_classes = {name: _num_classes(name, m) for name, m in self.models.items()}
+        else:
+            if set(num_classes) != set(self.models):
+                raise ValueError(f"num_classes names {sorted(num_classes)} differ from the teachers "
+                                 f"{sorted(self.models)}")
+            self.num_classes = {name: int(num_classes[name]) for name in self.models}
+        self.autocast = autocast
+        self._buffers: dict[tuple, torch.Tensor] = {}
+        for module in self.models.values():
+            module.eval().requires_grad_(False)
+
+    def to(self, device) -> "OnlineTeachers":
+        self.models = {name: m.to(device) for name, m in self.models.items()}
+        self._buffers.clear()
+        return self
+
+    def _packed_buffer(self, request: TeacherRequest, like: torch.Tensor) -> torch.Tensor:
+        # One buffer per (stream, teachers): two streams' logits can be alive in the same step.
+        key = (request.stream, request.teachers)
+        batch = request.images.shape[0]
+        buf = self._buffers.get(key)
         if buf is None or buf.shape[0] < batch or buf.dtype != like.dtype or buf.device != like.device:
             # Allocated outside inference mode so the buffer is a normal tensor the
             # loss may keep for backward; its rows are overwritten every step.
             with torch.inference_mode(False):
-                buf = torch.empty(batch, sum(self.splits), dtype=like.dtype, device=like.device)
-            self._buffer = buf
+                buf = torch.empty(batch, sum(self.num_classes[t] for t in request.teachers), dtype=like.dtype,
+                                  device=like.device)
+            self._buffers[key] = buf
         return buf[:batch]
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """Packed teacher logits for ``images`` (a view of a reused buffer)."""
-        packed = None
-        start = 0
-        with torch.inference_mode(), self.autocast():
-            for name, size, teacher in zip(self.head_names, self.splits, self.teachers):
-                logits = teacher(images)
+    def __call__(self, request: TeacherRequest) -> TeacherOutputs:
+        """Packed logits of ``request.teachers`` for ``request.images`` (a view of a reused buffer)."""
+        images = request.images
+        packed, start, layers = None, 0, {}
+        autocast = self.autocast or contextlib.nullcontext
+        with torch.inference_mode(), autocast():
+            for name in request.teachers:
+                size = self.num_classes[name]
+                wanted = request.layers.get(name, ())
+                with contextlib.ExitStack() as stack:
+                    captured = (stack.enter_context(LayerCapture(self.models[name], wanted, f"teacher {name!r}"))
+                                if wanted else {})
+                    logits = self.models[name](images)
                 if logits.dim() != 2 or logits.shape[0] != images.shape[0] or logits.shape[1] != size:
                     raise ValueError(f"teacher {name!r} produced logits of shape {tuple(logits.shape)}, "
-                                     f"but its student head has {size} classes (expected [{images.shape[0]}, {size}])")
+                                     f"expected [{images.shape[0]}, {size}] ({size} classes)")
                 if packed is None:
-                    packed = self._packed_buffer(images.shape[0], logits)
+                    packed = self._packed_buffer(request, logits)
                 packed[:, start:start + size].copy_(logits)
                 start += size
-        return packed
+                for layer in wanted:
+                    layers[(name, layer)] = captured[layer]
+        # Inference tensors cannot be saved for backward; terms may multiply by these.
+        layers = {key: value.clone() for key, value in layers.items()}
+        return TeacherOutputs(packed, layers)

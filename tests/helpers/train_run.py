@@ -6,6 +6,9 @@ trains a tiny student from two seeded random teachers on in-memory images
 ``rcfast.data.ProxyImages``. ``--hang-after N`` makes it write ``DIR/hung`` after
 step N and then sleep, so a test can ``SIGKILL`` it at a known point. Under
 ``torchrun`` it runs DDP (gloo) with ``--batch-size`` images per rank.
+``--probe-term`` adds the test term ``regression_probe`` (trainable parameters
+of its own) to the objective. As the owner of its process, the script applies
+the run-wide settings itself (``apply_runtime``).
 """
 from __future__ import annotations
 
@@ -19,8 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests/ folder, for `helpers`
 
 from helpers.proxy import TensorProxy, toy_images  # noqa: E402
+from helpers.terms import RegressionProbe  # noqa: E402,F401  (registers regression_probe)
 from rcfast.models import build_classifier, build_student  # noqa: E402
-from rcfast.train import Consolidator, OptimConfig, TrainConfig, setup_distributed  # noqa: E402
+from rcfast.train import Consolidator, OptimConfig, TrainConfig, apply_runtime, setup_distributed  # noqa: E402
 
 
 def main() -> None:
@@ -35,9 +39,14 @@ def main() -> None:
     parser.add_argument("--norm", default="batch")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--loss-backend", default="auto")
+    parser.add_argument("--probe-term", action="store_true")
     args = parser.parse_args()
 
-    torch.set_num_threads(1)
+    train = TrainConfig(max_steps=args.steps, checkpoint_every=args.checkpoint_every, keep_checkpoints=10,
+                        out_dir=args.out, deterministic=True, num_threads=1, log_every=1, progress=False,
+                        precision=args.precision, seed=7,
+                        loss_backend=args.loss_backend)
+    apply_runtime(train)
     # Join the torchrun group first: datasets take their shard from it when built.
     ctx = setup_distributed("cpu")
     torch.manual_seed(1234)
@@ -55,14 +64,13 @@ def main() -> None:
     else:
         images, _ = toy_images(40, 6, image_size=16, seed=5)
         data = TensorProxy(images, batch_size=args.batch_size, seed=3)
-    train = TrainConfig(max_steps=args.steps, checkpoint_every=args.checkpoint_every, keep_checkpoints=10,
-                        out_dir=args.out, deterministic=True, num_threads=1, log_every=1, progress=False,
-                        precision=args.precision, seed=7,
-                        loss_backend=args.loss_backend)
     optim = OptimConfig(lr=0.01, warmup_steps=2, clip_grad_norm=1.0)
-    trainer = Consolidator(student, data, teachers=teachers, temperatures={"task": 2.0, "generalist": 4.0},
-                           weights={"task": 1.0, "generalist": 0.5}, train=train, optim=optim,
-                           dist_context=ctx)
+    objective = [{"term": "multihead_kd", "temperature": {"task": 2.0, "generalist": 4.0},
+                  "head_weights": {"task": 1.0, "generalist": 0.5}}]
+    if args.probe_term:
+        objective.append({"term": "regression_probe", "teacher": "generalist", "weight": 0.1})
+    trainer = Consolidator(student, objective, data, teachers=teachers, train=train, optim=optim,
+                           dist_context=ctx, example_images=torch.zeros(2, 3, 16, 16))
     if args.hang_after is not None:
         def hang(t: Consolidator) -> None:
             if t.step == args.hang_after:

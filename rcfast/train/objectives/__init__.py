@@ -1,0 +1,22 @@
+"""Objectives: a run's loss as named, weighted terms from a registry.
+
+``objective: [{term: multihead_kd, weight: 1.0}, {term: cross_entropy, head: task_a, weight: 0.1}]``.
+A term is a small :class:`Term` subclass in its own module here, registered by
+``@register_term("<name>")``; the import list below is the registry of built-in
+terms (a new term = its module + one line here). See ``docs/extending.md``.
+"""
+from rcfast.train.objectives.base import (ModelsUnavailable, RunLayout, StreamInfo, Term, TermSetup,
+                                          available_terms, register_term, term_class)
+from rcfast.train.objectives.inputs import (STUDENT_FEATURES, Images, InputKey, Labels, StepInputs, StudentLayer,
+                                            StudentLogits, TeacherLayer, TeacherLogits)
+from rcfast.train.objectives.objective import Objective
+
+# The built-in terms: importing a module registers its term.
+from rcfast.train.objectives import cross_entropy  # noqa: E402,F401  (cross_entropy)
+from rcfast.train.objectives import multihead_kd  # noqa: E402,F401  (multihead_kd)
+
+__all__ = [
+    "Objective", "Term", "TermSetup", "RunLayout", "StreamInfo", "ModelsUnavailable", "register_term",
+    "term_class", "available_terms", "InputKey", "Images", "Labels", "StudentLogits", "StudentLayer",
+    "TeacherLogits", "TeacherLayer", "StepInputs", "STUDENT_FEATURES",
+]
