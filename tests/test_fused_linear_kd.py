@@ -575,6 +575,7 @@ def test_autocast_casts_like_a_linear_layer(backend):
     (7, 5, (1, 12, 17), 3),
     (3, 2, (5, 5, 5, 1000), 50),
     (100, 8, (10_000_000,), 0),
+    (100, 8, (10_000,), 5000),
 ])
 def test_plan_covers_every_column_once_within_the_budget(batch, dim, head_sizes, budget):
     plan = plan_chunks(batch, dim, head_sizes, budget)
@@ -593,13 +594,23 @@ def test_plan_covers_every_column_once_within_the_budget(batch, dim, head_sizes,
         else:  # inside its head
             assert offsets[group.split_head] <= group.begin and group.end <= offsets[group.split_head + 1]
     assert covered_to == sum(head_sizes)
+    # Even row chunks: the last one is at most one row per chunk short of the others.
+    chunks = -(-batch // plan.rows)
+    assert batch - (chunks - 1) * plan.rows >= plan.rows - chunks
+
+
+def evenly(batch, max_rows):
+    """Rows per chunk when ``batch`` rows are spread evenly over chunks of at most ``max_rows``."""
+    chunks = -(-batch // max_rows)
+    return -(-batch // chunks)
 
 
 def test_default_plans():
-    """At most 1/24 of the logits a chunk; on GPUs within that Liger's rows ~ B / ceil(N / D)."""
-    assert plan_chunks(4096, 1024, (32000, 32000), device_type="cpu").rows == 4096 // 24
-    assert plan_chunks(4096, 1024, (32000, 32000), device_type="cuda").rows == 4096 * 1024 // 64000
-    assert plan_chunks(4096, 8192, (32000, 32000), device_type="cuda").rows == 4096 // 24  # the cap
+    """At most 1/24 of the logits a chunk; on GPUs within that Liger's rows ~ B / ceil(N / D);
+    the rows spread evenly over the chunks."""
+    assert plan_chunks(4096, 1024, (32000, 32000), device_type="cpu").rows == evenly(4096, 4096 // 24) == 164
+    assert plan_chunks(4096, 1024, (32000, 32000), device_type="cuda").rows == evenly(4096, 4096 * 1024 // 64000)
+    assert plan_chunks(4096, 8192, (32000, 32000), device_type="cuda").rows == evenly(4096, 4096 // 24)  # the cap
     # Floors: CPU_MIN_CHUNK_ROWS rows on CPUs, MIN_CHUNK_LOGITS logits on GPUs.
     assert plan_chunks(1024, 1024, (32000, 32000), device_type="cpu").rows == CPU_MIN_CHUNK_ROWS
     assert plan_chunks(64, 32, (100,), device_type="cuda").rows == 64

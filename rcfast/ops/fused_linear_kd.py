@@ -141,8 +141,9 @@ def fused_linear_multihead_kd_loss(
             materialised), ``"cpu"``, ``"triton"`` or ``"cuda"`` (the fused KD kernel run
             on each chunk).
         max_chunk_logits: the most logits a chunk holds (rows x classes); by
-            default about the size of ``hidden`` and at most 1/32 of all the
-            logits. Heads wider than it are split along classes.
+            default at most 1/24 of all the logits (on GPUs about the size of
+            ``hidden`` within that; on CPUs at least 128 rows). Heads wider than
+            it are split along classes.
 
     Returns:
         The loss, float32 (float64 for float64 inputs); ``[B]`` for ``"none"``.
