@@ -222,7 +222,10 @@ class _HeadStats:
     """Per-row online statistics of one head: ``x = logits / tau``, sums relative to ``_shift(max)``.
 
     ``a`` is ``sum exp(x_t - shift_t) * (x_t - x_s)`` over classes with teacher
-    mass, so that ``KL = a / l_t - lse_t + lse_s`` (DESIGN.md).
+    mass, so that ``KL = a / l_t - lse_t + lse_s`` (DESIGN.md). ``student_inf``:
+    the row has a student -inf under a finite teacher logit, which makes the KL
+    +inf however small that teacher probability (decided on the logits, as in
+    :mod:`rcfast.ops.reference`).
     """
 
     m_s: torch.Tensor
@@ -230,6 +233,7 @@ class _HeadStats:
     m_t: torch.Tensor
     l_t: torch.Tensor
     a: torch.Tensor
+    student_inf: torch.Tensor
 
     @classmethod
     def of_block(cls, student: torch.Tensor, teacher: torch.Tensor, tau: torch.Tensor, compute_dtype):
@@ -246,7 +250,8 @@ class _HeadStats:
         # Where the teacher has no mass the term is 0, even if x_t - x_s is NaN
         # (-inf - -inf) or -inf; `e_t == 0` (not `> 0`) keeps a NaN teacher NaN.
         term.masked_fill_(e_t == 0, 0.0)
-        return cls(m_s, l_s, m_t, l_t, term.sum(dim=1))
+        student_inf = (torch.isneginf(student) & (teacher > float("-inf"))).any(dim=1)
+        return cls(m_s, l_s, m_t, l_t, term.sum(dim=1), student_inf)
 
     def merge(self, other: "_HeadStats") -> "_HeadStats":
         """Both states brought to the larger max (the online log-sum-exp)."""
@@ -259,13 +264,15 @@ class _HeadStats:
         # An A whose weight underflows to 0 is dropped (it may be +inf from a
         # student -inf under teacher mass that is now negligible, as in the kernels).
         a = torch.where(f_t == 0, zero, self.a * f_t) + torch.where(g_t == 0, zero, other.a * g_t)
-        return _HeadStats(m_s, self.l_s * f_s + other.l_s * g_s, m_t, self.l_t * f_t + other.l_t * g_t, a)
+        return _HeadStats(m_s, self.l_s * f_s + other.l_s * g_s, m_t, self.l_t * f_t + other.l_t * g_t, a,
+                          self.student_inf | other.student_inf)
 
     def kl(self) -> torch.Tensor:
         """``KL(p_t || p_s)`` per row, with the degenerate heads of :mod:`rcfast.ops.reference`."""
         kl = (self.a / self.l_t - (_shift(self.m_t) - _shift(self.m_s))
               - torch.log(self.l_t) + torch.log(self.l_s))
         kl = torch.where(self.l_s == 0, torch.full_like(kl, float("inf")), kl)
+        kl = torch.where(self.student_inf, kl + float("inf"), kl)  # a NaN stays NaN
         # A fully masked teacher head (l_t = 0) adds 0, unless the student has a NaN.
         return torch.where(self.l_t == 0, torch.where(torch.isnan(self.l_s), self.l_s, torch.zeros_like(kl)), kl)
 
@@ -404,7 +411,7 @@ class _ChunkLoop:
     def __init__(self, hidden, weight, bias, teacher, head_sizes, temperatures, weights, reduction_scale,
                  grads: _Gradients, kernel, plan: ChunkPlan):
         self.hidden, self.weight, self.bias, self.teacher = hidden, weight, bias, teacher
-        self.temperatures, self.grads, self.kernel, self.plan = temperatures, grads, kernel, plan
+        self.temperatures, self.weights, self.grads, self.kernel, self.plan = temperatures, weights, grads, kernel, plan
         self.dtype = hidden.dtype
         self.compute_dtype = _compute_dtype(hidden.dtype)
         self.per_row = reduction_scale is None
@@ -468,7 +475,12 @@ class _ChunkLoop:
             del g
 
         for head in self.split_heads:
-            self._add_loss(r0, r1, self.loss_weights[head].to(self.compute_dtype) * stats[head].kl())
+            kl = stats[head].kl()
+            # A head of weight 0 adds exactly 0, even where its KL is +inf (0 * inf
+            # is NaN); a NaN still propagates (rcfast.ops.reference's rule).
+            head_loss = torch.where(self.weights[head] == 0, torch.where(torch.isnan(kl), kl, 0.0),
+                                    self.loss_weights[head].to(self.compute_dtype) * kl)
+            self._add_loss(r0, r1, head_loss)
         if self.grads.any and self.split_heads:
             # The split heads' statistics are final: their blocks again, for the gradient.
             for group in self.plan.groups:
