@@ -620,9 +620,11 @@ def evenly(batch, max_rows):
 
 
 def test_default_plans():
-    """At most 1/24 of the logits a chunk; on GPUs within that Liger's rows ~ B / ceil(N / D);
-    the rows spread evenly over the chunks."""
+    """Chunk buffers within 12.5 % of the logits: 1/24 of them a chunk with three buffers, 1/16
+    with two (teacher logits in the student's dtype: views); on GPUs within that Liger's
+    rows ~ B / ceil(N / D); the rows spread evenly over the chunks."""
     assert plan_chunks(4096, 1024, (32000, 32000), device_type="cpu").rows == evenly(4096, 4096 // 24) == 164
+    assert plan_chunks(4096, 1024, (32000, 32000), device_type="cpu", buffers=2).rows == 4096 // 16
     assert plan_chunks(4096, 1024, (32000, 32000), device_type="cuda").rows == evenly(4096, 4096 * 1024 // 64000)
     assert plan_chunks(4096, 8192, (32000, 32000), device_type="cuda").rows == evenly(4096, 4096 // 24)  # the cap
     # Floors: CPU_MIN_CHUNK_ROWS rows on CPUs, MIN_CHUNK_LOGITS logits on GPUs.

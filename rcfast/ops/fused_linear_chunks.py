@@ -33,8 +33,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 __all__ = [
-    "MIN_CHUNK_LOGITS", "CPU_MIN_CHUNK_ROWS", "CPU_MAX_FLOOR_LOGITS", "LOGITS_FRACTION", "SPLIT_ROWS", "ColumnGroup", "ChunkPlan", "default_chunk_logits",
-    "plan_chunks", "PackedTeacher", "LinearTeacher", "TeacherBlocks", "ChunkResult",
+    "MIN_CHUNK_LOGITS", "CPU_MIN_CHUNK_ROWS", "CPU_MAX_FLOOR_LOGITS", "CHUNK_BUFFERS_SHARE", "SPLIT_ROWS", "ColumnGroup", "ChunkPlan",
+    "default_chunk_logits", "plan_chunks", "PackedTeacher", "LinearTeacher", "TeacherBlocks", "ChunkResult",
     "run_chunks",
 ]
 
@@ -47,9 +47,11 @@ MIN_CHUNK_LOGITS = 1 << 18
 CPU_MIN_CHUNK_ROWS = 128
 CPU_MAX_FLOOR_LOGITS = 1 << 24
 
-# A chunk holds at most this fraction of all the logits by default (three
-# chunk-sized buffers: 12.5 %).
-LOGITS_FRACTION = 24
+# The chunk-sized buffers alive at once hold at most 1 / CHUNK_BUFFERS_SHARE of
+# all the logits by default (12.5 %, under the issue's 15 %): a chunk holds 1/16
+# of the logits with two such buffers (the student's logits and their gradient),
+# 1/24 with three (also the teacher's logits, computed or cast per chunk).
+CHUNK_BUFFERS_SHARE = 8
 
 # Rows per chunk when heads are split along classes: enough rows for the block
 # GEMMs to be matrix products rather than matrix-vector products.
@@ -90,20 +92,21 @@ class ChunkPlan:
         return any(group.split_head is not None for group in self.groups)
 
 
-def default_chunk_logits(batch: int, dim: int, num_classes: int, device_type: str = "cpu") -> int:
+def default_chunk_logits(batch: int, dim: int, num_classes: int, device_type: str = "cpu",
+                         buffers: int = 3) -> int:
     """The default budget of logits per chunk.
 
-    At most ``1 / LOGITS_FRACTION`` of all the logits, so that the chunk-sized
-    buffers alive at once (the student's logits, their gradient and, for a
-    teacher given as a linear layer, its logits) stay within 15 % of the
-    logits. On GPUs, Liger-Kernel's heuristic within that: about the size of the
+    At most ``1 / (buffers * CHUNK_BUFFERS_SHARE)`` of all the logits, so that
+    the ``buffers`` chunk-sized buffers alive at once (the student's logits,
+    their gradient and, for a teacher given as a linear layer or in another
+    dtype, its logits) stay within 12.5 % of the logits. On GPUs, Liger-Kernel's heuristic within that: about the size of the
     input activations (``B * D``: rows ~ ``B / ceil(N / D)``), and at least
     :data:`MIN_CHUNK_LOGITS`. On CPUs the cap itself: every chunk streams ``W``
     twice (logits and ``dh`` GEMMs) and reads and writes all of ``dW``, so thin
     chunks are memory-bound, and fewer, larger ones faster (docs/fused_linear.md);
     at least :data:`CPU_MIN_CHUNK_ROWS` rows (up to :data:`CPU_MAX_FLOOR_LOGITS`).
     """
-    memory_cap = -(-batch * num_classes // LOGITS_FRACTION)
+    memory_cap = -(-batch * num_classes // (buffers * CHUNK_BUFFERS_SHARE))
     if device_type == "cpu":
         return max(memory_cap, min(CPU_MIN_CHUNK_ROWS * num_classes, CPU_MAX_FLOOR_LOGITS))
     return max(min(batch * dim, memory_cap), MIN_CHUNK_LOGITS)
@@ -118,18 +121,18 @@ def _even_rows(batch: int, max_rows: int) -> int:
 
 
 def plan_chunks(batch: int, dim: int, head_sizes: Sequence[int], max_chunk_logits: int = 0,
-                device_type: str = "cpu") -> ChunkPlan:
+                device_type: str = "cpu", buffers: int = 3) -> ChunkPlan:
     """Rows per chunk and column groups for ``batch`` rows, ``dim`` features, these heads.
 
-    ``max_chunk_logits`` (0: :func:`default_chunk_logits`) bounds the logits a
-    chunk holds at once. When one row of all heads fits, chunks are whole rows
+    ``max_chunk_logits`` (0: :func:`default_chunk_logits` for ``buffers``
+    chunk-sized buffers) bounds the logits a chunk holds at once. When one row of all heads fits, chunks are whole rows
     and there is one group (the rows spread evenly over the chunks); otherwise chunks have :data:`SPLIT_ROWS` rows,
     consecutive heads are grouped while they fit the width ``budget // rows``, and
     wider heads are cut into blocks of at most that width.
     """
     num_classes = sum(head_sizes)
     budget = (max_chunk_logits if max_chunk_logits > 0
-              else default_chunk_logits(batch, dim, num_classes, device_type))
+              else default_chunk_logits(batch, dim, num_classes, device_type, buffers))
     if budget >= num_classes:
         rows = _even_rows(batch, budget // num_classes)
         everything = ColumnGroup(0, num_classes, heads=tuple(range(len(head_sizes))))
@@ -179,6 +182,10 @@ class TeacherBlocks:
     def block(self, r0: int, r1: int, c0: int, c1: int, dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError
 
+    def chunk_buffers(self, dtype: torch.dtype) -> int:
+        """How many chunk-sized buffers a block in ``dtype`` allocates (0: a view), for the plan."""
+        raise NotImplementedError
+
 
 class PackedTeacher(TeacherBlocks):
     """Teacher logits given as one ``[B, N]`` tensor: blocks are slices (no copy for whole rows)."""
@@ -189,6 +196,10 @@ class PackedTeacher(TeacherBlocks):
     def block(self, r0, r1, c0, c1, dtype):
         return self.logits[r0:r1, c0:c1].to(dtype).contiguous()
 
+    def chunk_buffers(self, dtype):
+        # Whole rows in the same dtype are views; a cast is a copy.
+        return 0 if self.logits.dtype == dtype else 1
+
 
 class LinearTeacher(TeacherBlocks):
     """Teacher given as its last linear layer: blocks are computed (``t = h_t @ W_t.T + b_t``)."""
@@ -198,6 +209,10 @@ class LinearTeacher(TeacherBlocks):
 
     def block(self, r0, r1, c0, c1, dtype):
         return _linear_block(self.hidden[r0:r1], self.weight, self.bias, c0, c1).to(dtype)
+
+    def chunk_buffers(self, dtype):
+        # Computed; a cast to another dtype frees the product right away.
+        return 1
 
 
 def _linear_block(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], c0: int, c1: int):
@@ -394,7 +409,7 @@ def run_chunks(
     loop = _ChunkLoop(hidden, weight, bias, teacher, head_sizes, temperatures, weights, reduction_scale,
                       _Gradients(hidden, weight, bias, needs, _compute_dtype(hidden.dtype)), kernel,
                       plan_chunks(hidden.shape[0], hidden.shape[1], head_sizes, max_chunk_logits,
-                                  hidden.device.type))
+                                  hidden.device.type, 2 + teacher.chunk_buffers(hidden.dtype)))
     for r0 in range(0, hidden.shape[0], loop.plan.rows):
         loop.run_rows(r0, min(r0 + loop.plan.rows, hidden.shape[0]), row_grad)
     grad_hidden, grad_weight, grad_bias = loop.grads.finish()
