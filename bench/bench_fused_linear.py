@@ -31,14 +31,19 @@ Guards for a shared machine: a contender whose estimated peak does not fit in
 estimated (from this machine's GEMM rates for torch's three GEMM layouts, timed
 in the parent) to take longer than ``--max-step-s``; the report says which and why.
 
-GPU (``--device cuda``, not runnable on a CPU-only machine): the same steps with
-``backend="auto"`` (Triton), synchronised timing, ``torch.cuda.max_memory_allocated``,
-plus, with the teacher as its last linear layer (no teacher logits at all), the
-fused op (``fused_teacher_linear``) and Liger-Kernel's fused linear JSD with
-beta = 0 (forward KL(p_t || p_s), one temperature, no tau**2) when
-``liger_kernel`` is installed.
+GPU (``--gpu``, i.e. ``--device cuda``; not runnable on a CPU-only machine): the
+same steps with ``backend="auto"`` (Triton), synchronised timing,
+``torch.cuda.max_memory_allocated`` beyond the inputs, plus, with the teacher as
+its last linear layer (no teacher logits at all), the fused op
+(``fused_teacher_linear``) and Liger-Kernel's fused linear JSD with beta = 0
+(forward KL(p_t || p_s), one temperature, no tau**2) when ``liger_kernel`` is
+installed. The contenders of a case share one process there (the peak is reset
+between them; RSS is not reported). On a GPU the issue's shapes take
+milliseconds, so ``--gpu --quick`` runs two of them (D = 1024, bfloat16, both
+head layouts; about 1-2 minutes, mostly torch.compile) instead of the CPU's
+smaller shapes.
 
-    python bench/bench_fused_linear.py [--quick] [--steps 2] [--cases NAME ...] [--out FILE]
+    python bench/bench_fused_linear.py [--quick] [--gpu] [--steps 2] [--cases NAME ...] [--out FILE]
 """
 from __future__ import annotations
 
@@ -125,6 +130,7 @@ def _cases(batch, dims, heads_list) -> dict[str, Case]:
 
 FULL_CASES = _cases(4096, (1024, 2048), ((32000, 32000), (128000,)))
 QUICK_CASES = _cases(4096, (128,), ((8000, 8000), (32000,)))
+GPU_QUICK_CASES = {name: case for name, case in FULL_CASES.items() if case.dim == 1024 and case.dtype_name == "bfloat16"}
 ALL_CASES = {**FULL_CASES, **QUICK_CASES}
 
 
@@ -221,9 +227,25 @@ def run_worker(case: Case, contender: str, steps: int, device: str) -> dict:
     else:
         hidden.grad = weight.grad = None
         tensor_peak = peak_extra_bytes(step, 0)  # the gradients it leaves are counted: they are the point
-    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_inputs
+    # On a GPU the contenders share a process: the host's high-water mark says nothing there.
+    rss_peak = (None if device == "cuda" else
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_inputs)
     return dict(case=case.name, contender=contender, loss=loss, first_call_s=first_call_s, wall_s=wall,
                 cpu_s=cpu, tensor_peak_bytes=tensor_peak, rss_peak_bytes=rss_peak)
+
+
+def run_gpu_worker(case: Case, contenders, steps: int) -> list[dict]:
+    """Every contender of one case in this process, one after the other (GPU only: the
+    peak is ``max_memory_allocated`` reset per contender); a failure is recorded, not raised."""
+    results = []
+    for contender in contenders:
+        try:
+            results.append(run_worker(case, contender, steps, "cuda"))
+        except Exception as exc:  # e.g. Liger missing or refusing beta = 0: the others still run
+            results.append(dict(case=case.name, contender=contender,
+                                skipped=f"failed: {type(exc).__name__}: {str(exc)[:200]}"))
+        torch.cuda.empty_cache()
+    return results
 
 
 # --------------------------------------------------------------------------- the parent
@@ -261,16 +283,18 @@ def estimated_step_s(case: Case, rates) -> float:
     return sum(case.gemm_flops / r for r in rates)
 
 
-def run_in_subprocess(case: Case, contender: str, steps: int, device: str, timeout_s: float) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", case.name, contender,
+def run_in_subprocess(case: Case, contenders, steps: int, device: str, timeout_s: float) -> list[dict]:
+    """``contenders`` (one on a CPU, all of the case on a GPU) in a fresh process: one result each."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", case.name, ",".join(contenders),
            "--steps", str(steps), "--device", device]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return dict(case=case.name, contender=contender, skipped=f"timed out after {timeout_s:.0f} s")
+        return [dict(case=case.name, contender=c, skipped=f"timed out after {timeout_s:.0f} s") for c in contenders]
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return dict(case=case.name, contender=contender, skipped=f"failed (rc {proc.returncode}): {' | '.join(tail)}")
+        return [dict(case=case.name, contender=c, skipped=f"failed (rc {proc.returncode}): {' | '.join(tail)}")
+                for c in contenders]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -314,10 +338,11 @@ def format_report(cases, results, args, load_before, load_after, rates) -> str:
                 lines.append(f"| {case.name} | {contender} | skipped: {r['skipped']} | | | | | | |")
                 continue
             wall, cpu = _median(r["wall_s"]), _median(r["cpu_s"])
+            rss = "n/a" if r["rss_peak_bytes"] is None else _fmt_bytes(r["rss_peak_bytes"])
             lines.append(
                 f"| {case.name} | {contender} | {wall:.2f} | {cpu:.2f} | "
                 f"{wall / fused_wall:.2f}x, {cpu / fused_cpu:.2f}x | {_fmt_bytes(r['tensor_peak_bytes'])} | "
-                f"{_fmt_bytes(r['rss_peak_bytes'])} | {r['loss']:.6g} | {r['first_call_s']:.1f} |")
+                f"{rss} | {r['loss']:.6g} | {r['first_call_s']:.1f} |")
         if "wall_s" not in fused:
             continue
         budget = case.grad_bytes + MEMORY_TARGET_FRACTION * case.logits_bytes
@@ -367,6 +392,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", nargs="*", default=None, help="case names (default: all of the mode)")
     parser.add_argument("--contenders", nargs="*", default=None)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--gpu", action="store_true", help="the same as --device cuda")
     parser.add_argument("--max-step-s", type=float, default=900.0,
                         help="skip a baseline whose step is estimated to take longer (GEMM rates)")
     parser.add_argument("--out", default=None, help="report file (default bench/results/fused_linear_<device>[_quick].md); "
@@ -377,11 +403,16 @@ def main(argv=None) -> int:
                              "and run only the missing ones")
     parser.add_argument("--worker", nargs=2, metavar=("CASE", "CONTENDER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.gpu:
+        args.device = "cuda"
     args.steps = args.steps or (3 if args.quick else 1)
 
     if args.worker:
-        case_name, contender = args.worker
-        print(json.dumps(run_worker(ALL_CASES[case_name], contender, args.steps, args.device)))
+        case_name, contenders = args.worker[0], args.worker[1].split(",")
+        if args.device == "cuda":
+            print(json.dumps(run_gpu_worker(ALL_CASES[case_name], contenders, args.steps)))
+        else:
+            print(json.dumps([run_worker(ALL_CASES[case_name], c, args.steps, args.device) for c in contenders]))
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device here: the GPU comparison (Triton, Liger) is skipped")
@@ -389,7 +420,9 @@ def main(argv=None) -> int:
     if args.device == "cpu" and "cpu" not in rcfast.available_backends():
         raise SystemExit("rcfast._C is not built: bash scripts/setup_env.sh")
 
-    cases = QUICK_CASES if args.quick else FULL_CASES
+    cases = FULL_CASES
+    if args.quick:
+        cases = GPU_QUICK_CASES if args.device == "cuda" else QUICK_CASES
     if args.cases:
         cases = {name: ALL_CASES[name] for name in args.cases}
     out = args.out or os.path.join(REPO_ROOT, "bench", "results",
@@ -425,27 +458,33 @@ def main(argv=None) -> int:
         _write_atomically(raw_path, json.dumps(dict(cases=list(cases), results=results, load_before=load_before,
                                                     load_after=_load(), rates=rates), indent=1))
 
-    for case in cases.values():
-        for contender in contenders:
-            if (case.name, contender) in done:
-                continue
-            need = case.input_bytes + ESTIMATED_PEAK_LOGITS[contender] * case.logits_bytes + case.grad_bytes
-            available = mem_available_bytes()
-            estimate = (estimated_step_s(case, rates[f"{case.dtype_name} D={case.dim}"])
-                        if args.device == "cpu" else 0.0)
-            if args.device == "cpu" and need + (1 << 30) > available:
-                result = dict(case=case.name, contender=contender,
-                              skipped=f"needs ~{_fmt_bytes(need)}, {_fmt_bytes(available)} available")
-            elif contender != "fused" and estimate > args.max_step_s:
-                result = dict(case=case.name, contender=contender,
-                              skipped=f"step estimated at {estimate / 60:.0f} min from torch's GEMM rates here")
-            else:
-                timeout = max(600.0, 4 * (args.steps + 2) * max(estimate, 1.0))
-                print(f"{case.name} {contender} (estimated GEMM time {estimate:.0f} s/step)...", flush=True)
-                result = run_in_subprocess(case, contender, args.steps, args.device, timeout)
+    def record(new_results):
+        for result in new_results:
             results.append(result)
             save()
             print("  " + json.dumps(result), flush=True)
+
+    for case in cases.values():
+        missing = [c for c in contenders if (case.name, c) not in done]
+        if args.device == "cuda":  # all of a case's contenders in one process (seconds each)
+            if missing:
+                print(f"{case.name}: {', '.join(missing)}...", flush=True)
+                record(run_in_subprocess(case, missing, args.steps, args.device, 600.0))
+            continue
+        for contender in missing:
+            need = case.input_bytes + ESTIMATED_PEAK_LOGITS[contender] * case.logits_bytes + case.grad_bytes
+            available = mem_available_bytes()
+            estimate = estimated_step_s(case, rates[f"{case.dtype_name} D={case.dim}"])
+            if need + (1 << 30) > available:
+                record([dict(case=case.name, contender=contender,
+                             skipped=f"needs ~{_fmt_bytes(need)}, {_fmt_bytes(available)} available")])
+            elif contender != "fused" and estimate > args.max_step_s:
+                record([dict(case=case.name, contender=contender,
+                             skipped=f"step estimated at {estimate / 60:.0f} min from torch's GEMM rates here")])
+            else:
+                timeout = max(600.0, 4 * (args.steps + 2) * max(estimate, 1.0))
+                print(f"{case.name} {contender} (estimated GEMM time {estimate:.0f} s/step)...", flush=True)
+                record(run_in_subprocess(case, [contender], args.steps, args.device, timeout))
     save()
     report = format_report(list(cases.values()), results, args, load_before, _load(), rates)
     _write_atomically(out, report)
