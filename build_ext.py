@@ -59,7 +59,8 @@ def _is_x86_64() -> bool:
 CPU_CAPABILITIES = (_DEFAULT_CAPABILITY,) + (_X86_CAPABILITIES if _is_x86_64() else ())
 
 _MAIN_SOURCES = ["csrc/bindings.cpp", "csrc/cpu/kd_cpu.cpp"]
-_HEADERS = ["csrc/kd_math.h", "csrc/cpu/kd_cpu.h", "csrc/cpu/kd_cpu_kernel_impl.h"]
+_HEADERS = ["csrc/kd_math.h", "csrc/cpu/kd_cpu.h", "csrc/cpu/kd_cpu_driver.h", "csrc/cpu/kd_cpu_passes.h",
+            "csrc/cpu/kd_vec_exp.h"]
 
 
 def _debug() -> bool:
@@ -151,16 +152,8 @@ def cpp_extension_modules():
     nvcc_flags = ["-O0", "-g", "-lineinfo"] if _debug() else ["-O3", "-lineinfo"]
     extension_class = CppExtension
     if want_cuda():
-        cuda_sources = _cuda_sources()
-        if cuda_sources:
-            sources += cuda_sources
-            cxx_flags.append("-DRCFAST_WITH_CUDA")
-            nvcc_flags.append("-DRCFAST_WITH_CUDA")
-            extension_class = CUDAExtension
-        elif os.environ.get("RCFAST_USE_CUDA") == "1":
-            raise RuntimeError("RCFAST_USE_CUDA=1 but csrc/cuda holds no .cu sources yet")
-        else:
-            print("rcfast: csrc/cuda has no sources yet; building the CPU kernel only")
+        sources += _cuda_sources()
+        extension_class = CUDAExtension
 
     extension = extension_class(
         name="rcfast._C",

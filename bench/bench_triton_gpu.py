@@ -1,4 +1,4 @@
-"""GPU benchmark of the Triton multi-head KD loss against eager, torch.compile and Liger-Kernel.
+"""GPU benchmark of the fused multi-head KD loss (Triton and CUDA kernels) against eager, torch.compile and Liger-Kernel.
 
 Needs a CUDA GPU (skipped otherwise: the Triton interpreter is never
 benchmarked). Two ways to run it:
@@ -10,6 +10,8 @@ Variants, all computing ``sum_h tau_h**2 * KL(softmax(t_h/tau_h) || softmax(s_h/
 with batchmean over packed ``[B, sum C_h]`` logits, forward + backward to the student:
 
 - ``triton``: ``rcfast.multihead_kd_loss(..., backend="triton")``;
+- ``cuda``: the same with ``backend="cuda"`` (the CUDA C++ kernel; only when rcfast
+  was built with CUDA);
 - ``eager``: what a PyTorch user writes: per head ``F.kl_div(log_softmax(s/tau),
   log_softmax(t/tau), log_target=True, reduction="batchmean") * tau**2``, summed;
 - ``compile``: that function under ``torch.compile(fullgraph=True)`` (Inductor);
@@ -100,6 +102,9 @@ def variants():
         "eager": eager_kd,
         "compile": compiled,
     }
+    if "cuda" in rcfast.available_backends():  # the CUDA C++ kernel, when rcfast was built with CUDA
+        out["cuda"] = lambda s, t, h: rcfast.multihead_kd_loss(s, t, splits=list(h), temperature=TEMPERATURE,
+                                                               backend="cuda")
     liger = make_liger()
     if liger is not None:
         out["liger"] = liger
@@ -161,7 +166,7 @@ def format_report(results, peak_gbs):
     props = torch.cuda.get_device_properties(0)
     import triton
     lines = [
-        "# Triton multi-head KD loss on GPU",
+        "# Fused multi-head KD loss on GPU (Triton and CUDA kernels)",
         "",
         f"{props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, triton {triton.__version__}; "
         f"{datetime.date.today().isoformat()}. Produced by `python bench/bench_triton_gpu.py`.",
@@ -223,12 +228,12 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU bench
 
 
 @needs_cuda
-@pytest.mark.parametrize("variant", ["triton", "eager", "compile", "liger"])
+@pytest.mark.parametrize("variant", ["triton", "cuda", "eager", "compile", "liger"])
 @pytest.mark.parametrize("case", MAIN_CASES + sweep_cases(), ids=lambda c: c[0])
 def test_kd_loss_fwd_bwd(benchmark, case, variant):
     fns = variants()
     if variant not in fns:
-        pytest.skip("liger_kernel is not installed")
+        pytest.skip(f"{variant} unavailable (liger_kernel not installed, or rcfast built without CUDA)")
     _, batch, head_sizes, dtype = case
     student, teacher = make_inputs(batch, head_sizes, dtype)
     check_agreement({variant: fns[variant]}, student, teacher, head_sizes)

@@ -10,30 +10,42 @@ three small device tensors (int64 offsets, float32 temperatures and weights): a
 program adds the integer offset to the row's base pointer, so any mix of head
 widths runs in one launch and no tensor of pointers is ever built.
 
+The math is csrc/kd_math.h's, written again in Triton: logits stay in their own
+units (u / tau is never formed, so a large logit over a small temperature cannot
+overflow), exps are ``2^((u - b) c)`` with ``c = log2(e) / tau`` and ``b`` a
+running max, and per (row, head) the running statistics are
+
+- ``m_s, m_t``: the running max of the student's and the teacher's logits;
+- ``l_s, l_t``: ``sum 2^((u - b) c)`` relative to those maxima;
+- ``A = sum e_t ((u_t - b_t) - (u_s - b_s)) * A_TERM_SCALE``, the teacher-weighted
+  gap relative to the maxima (so it stays of the order of the KL), corrected
+  exactly when a max moves (:func:`_rebase`);
+- ``inf``: whether a student ``-inf`` met a finite teacher logit (the KL is +inf).
+
+The loss of a head is ``w tau ((A / A_TERM_SCALE) / l_t + tau ln(l_s / l_t))``,
+formed in float64 (:func:`_head_loss`).
+
 Two paths, chosen on the host from shapes only (no device value is read):
 
 - **fused** (the common case): one program per (row, head). Pass 1 streams the
-  head's classes in ``BLOCK``-wide tiles keeping, for ``x = logits / tau``, the
-  running max ``m`` and ``l = sum exp(x - m)`` of student and teacher and
-  ``A = sum exp(x_t - m_t) * (x_t - x_s)``, each rescaled by ``exp(m_old - m_new)``
-  when the max moves. Then ``KL = A / l_t - lse_t + lse_s``. Pass 2 (only with
-  ``COMPUTE_GRAD``) streams the classes again and writes
-  ``scale * w * tau * (softmax(x_s) - softmax(x_t))`` in the student's dtype.
+  head's classes in ``BLOCK``-wide tiles updating the statistics; pass 2 (only
+  with ``COMPUTE_GRAD``) streams them again and writes
+  ``grad_scale * w * tau * (softmax_s - softmax_t)`` in the student's dtype.
 - **split** (few rows, very wide heads: too few (row, head) programs to fill the
   GPU): the classes of each head are cut into ``num_splits`` chunks, one program
-  per (row, head, chunk) writes its partial ``(m_s, l_s, m_t, l_t, A)``; torch ops
-  merge the partials (``O(B*H*splits)`` floats) into the loss and the two lse's,
-  and a second kernel over (row, head, chunk) writes the gradient from them.
+  per (row, head, chunk) writes its partial statistics; one program per (row,
+  head) merges them (the same :func:`_rebase` algebra) into the loss and the
+  softmax constants; a third kernel over (row, head, chunk) writes the gradient.
 
 Every load is cast to float32 at once (fp16/bf16 in, fp32 math; the interpreter
-cannot do bf16 arithmetic anyway). ``-inf`` follows :mod:`rcfast.ops.reference`:
-a teacher ``-inf`` has p = 0 and adds nothing, even where the student is ``-inf``
-too; a student ``-inf`` under teacher mass gives ``+inf``; NaN in gives NaN out.
-The per-(row, head) losses are written to a ``[B, H]`` buffer (no atomics), so
-the caller's reduction is deterministic.
+cannot do bf16 arithmetic anyway). ``-inf``, ``+inf`` and NaN follow
+:mod:`rcfast.ops.reference`. The per-(row, head) losses are written to a
+``[B, H]`` buffer (no atomics), so the caller's reduction is deterministic.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 
@@ -43,17 +55,9 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 __all__ = [
-    "REDUCTION_NONE", "REDUCTION_SUM", "REDUCTION_MEAN", "REDUCTION_BATCHMEAN",
-    "LaunchConfig", "SplitPolicy", "SPLIT_POLICY", "MIN_BLOCK", "MAX_BLOCK",
-    "ALIGN", "block_and_warps", "launch_config", "kd_head_losses", "NUM_PARTIAL_STATS",
+    "LaunchConfig", "SplitPolicy", "DEFAULT_SPLIT_POLICY", "MIN_BLOCK", "MAX_BLOCK",
+    "ALIGN", "block_and_warps", "launch_config", "launch_settings", "kd_head_losses", "NUM_PARTIAL_STATS",
 ]
-
-# The reduction codes of rcfast.ops.kernel_contract.REDUCTION_CODES (this package
-# must not import rcfast.ops; rcfast.ops.triton_backend checks they agree).
-REDUCTION_NONE = 0
-REDUCTION_SUM = 1
-REDUCTION_MEAN = 2
-REDUCTION_BATCHMEAN = 3
 
 # Tiles are powers of two between these. 4096 fp32 lanes over 8 warps is 16
 # values per thread per input: wide enough for 16-byte vector loads of bf16 and
@@ -67,11 +71,17 @@ MAX_BLOCK = 4096
 # are 16-byte vectors (8 bf16/fp16 or 4 fp32 lanes; 16 covers both with margin).
 ALIGN = 16
 
-# Partial statistics per (row, head, chunk) in the split path: m_s, l_s, m_t, l_t, A.
-NUM_PARTIAL_STATS = 5
+# Partial statistics per (row, head, chunk) in the split path: m_s, l_s, m_t, l_t, A, inf.
+NUM_PARTIAL_STATS = 6
+# What the gradient pass needs per (row, head): base_s, log2 l_s, base_t, log2 l_t, gate.
+NUM_GRAD_STATS = 5
 
-# A global read by @triton.jit code must be a tl.constexpr instance (not an annotation).
+# Globals read by @triton.jit code must be tl.constexpr instances (not annotations).
 NEG_INF = tl.constexpr(float("-inf"))
+LOG2E = tl.constexpr(1.4426950408889634)
+# A is accumulated times this (csrc/kd_math.h kATermScale): a gap can be twice
+# the largest float, and A sums C of them.
+A_TERM_SCALE = tl.constexpr(2.0 ** -32)
 
 
 # --------------------------------------------------------------------------------------
@@ -111,124 +121,152 @@ def _segments(lo, hi, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _shift(running_max):
-    # The shift used for a running max (see _stats_tile): 0 while it is still -inf.
+def _base(running_max):
+    # The base exps are taken relative to: 0 while the max is still -inf (then every
+    # exp is 2^-inf = 0, not 2^NaN).
     return tl.where(running_max == NEG_INF, 0.0, running_max)
 
 
 @triton.jit
-def _stats_tile(s_ptr, t_ptr, offs, lo, hi, tau, m_s, l_s, m_t, l_t, a, MASKED: tl.constexpr):
-    """Fold one tile into the running ``(m_s, l_s, m_t, l_t, A)`` (see module doc).
+def _rebase(m_s, l_s, m_t, l_t, a, new_m_s, new_m_t, exp_scale):
+    """Move ``(l_s, l_t, A)`` from maxima ``(m_s, m_t)`` to ``(new_m_s, new_m_t)`` >= them.
 
-    (Helpers are inlined by hand in the per-tile functions: the interpreter re-patches
-    ``triton.language`` on every nested ``@triton.jit`` call, ~4 ms each.)
+    Sums are rescaled by ``2^((m_old - b_new) c)`` (0 from a max of -inf); every
+    bracket of ``A`` loses (moved teacher base) - (moved student base). Where the
+    teacher had no mass yet ``A`` and ``l_t`` are 0; where its mass underflows the
+    factor is 0: both leave ``A = 0`` (an ``inf * 0`` would be NaN; a NaN in ``A``
+    always shows in a sum as well).
     """
-    # Cast to float32 at the load (fp16/bf16 in, fp32 math). Divide, not multiply by
-    # 1/tau, so x is bit-identical to the reference's logits / tau: at |x| ~ 1e3 one
-    # ulp of x is already 6e-5 relative in exp(x).
+    new_base_s = _base(new_m_s)
+    new_base_t = _base(new_m_t)
+    alpha_s = tl.exp2((m_s - new_base_s) * exp_scale)
+    alpha_t = tl.exp2((m_t - new_base_t) * exp_scale)
+    moved = (new_base_t - _base(m_t)) - (new_base_s - _base(m_s))
+    a = tl.where(l_t == 0.0, a, a - moved * l_t * A_TERM_SCALE)
+    a = tl.where(alpha_t == 0.0, 0.0, a * alpha_t)
+    # A NaN sum stays NaN (a NaN logit may be dropped by the max, never by the sums).
+    l_s = tl.where((alpha_s == 0.0) & (l_s == l_s), 0.0, l_s * alpha_s)
+    l_t = tl.where((alpha_t == 0.0) & (l_t == l_t), 0.0, l_t * alpha_t)
+    return l_s, l_t, a
+
+
+@triton.jit
+def _stats_tile(s_ptr, t_ptr, offs, lo, hi, exp_scale, m_s, l_s, m_t, l_t, a, inf, MASKED: tl.constexpr):
+    """Fold one tile into the running statistics (module docstring).
+
+    (Helpers are inlined by hand in the per-tile functions where it matters: the
+    interpreter re-patches ``triton.language`` on every nested ``@triton.jit``
+    call, ~4 ms each.)
+    """
+    # Cast to float32 at the load (fp16/bf16 in, fp32 math).
     if MASKED:
         # Lanes outside [lo, hi) read -inf: a masked class, which adds nothing anywhere.
         mask = (offs >= lo) & (offs < hi)
-        x_s = tl.load(s_ptr + offs, mask=mask, other=NEG_INF).to(tl.float32) / tau
-        x_t = tl.load(t_ptr + offs, mask=mask, other=NEG_INF).to(tl.float32) / tau
+        u_s = tl.load(s_ptr + offs, mask=mask, other=NEG_INF).to(tl.float32)
+        u_t = tl.load(t_ptr + offs, mask=mask, other=NEG_INF).to(tl.float32)
     else:
-        x_s = tl.load(s_ptr + offs).to(tl.float32) / tau
-        x_t = tl.load(t_ptr + offs).to(tl.float32) / tau
-    new_m_s = tl.maximum(m_s, tl.max(x_s, axis=0))
-    new_m_t = tl.maximum(m_t, tl.max(x_t, axis=0))
-    # exp(x - m) with m = -inf (nothing finite seen yet) would be exp(-inf + inf) =
-    # NaN; shifting by 0 instead makes every such term exp(-inf) = 0, which is right
-    # since then every x is -inf too.
-    shift_s = tl.where(new_m_s == NEG_INF, 0.0, new_m_s)
-    shift_t = tl.where(new_m_t == NEG_INF, 0.0, new_m_t)
-    alpha_s = tl.exp(m_s - shift_s)
-    alpha_t = tl.exp(m_t - shift_t)
-    e_s = tl.exp(x_s - shift_s)
-    e_t = tl.exp(x_t - shift_t)
-    l_s = l_s * alpha_s + tl.sum(e_s, axis=0)
-    l_t = l_t * alpha_t + tl.sum(e_t, axis=0)
-    # Where the teacher has no mass the term is 0, even if x_t - x_s is -inf - -inf
-    # (NaN) or -inf: guard the product rather than compute 0 * inf. Testing
+        u_s = tl.load(s_ptr + offs).to(tl.float32)
+        u_t = tl.load(t_ptr + offs).to(tl.float32)
+    new_m_s = tl.maximum(m_s, tl.max(u_s, axis=0))
+    new_m_t = tl.maximum(m_t, tl.max(u_t, axis=0))
+    l_s, l_t, a = _rebase(m_s, l_s, m_t, l_t, a, new_m_s, new_m_t, exp_scale)
+    v_s = u_s - _base(new_m_s)
+    v_t = u_t - _base(new_m_t)
+    e_s = tl.exp2(v_s * exp_scale)
+    e_t = tl.exp2(v_t * exp_scale)
+    l_s += tl.sum(e_s, axis=0)
+    l_t += tl.sum(e_t, axis=0)
+    # Where the teacher has no mass the term is 0, even if the gap is inf or NaN
+    # (-inf - -inf): guard the product rather than compute 0 * inf. Testing
     # `e_t == 0` (not `e_t > 0`) keeps a NaN teacher NaN.
-    term = tl.where(e_t == 0.0, 0.0, e_t * (x_t - x_s))
-    # Old terms whose weight underflows to 0 are dropped the same way (A may be
-    # +inf from a student -inf); a NaN in A always shows in l_s or l_t as well.
-    a = tl.where(alpha_t == 0.0, 0.0, a * alpha_t) + tl.sum(term, axis=0)
-    return new_m_s, l_s, new_m_t, l_t, a
+    a += tl.sum(tl.where(e_t == 0.0, 0.0, e_t * ((v_t - v_s) * A_TERM_SCALE)), axis=0)
+    student_inf = (u_s == NEG_INF) & (u_t > NEG_INF)
+    inf = tl.maximum(inf, tl.max(tl.where(student_inf, 1.0, 0.0), axis=0))
+    # A NaN logit may be dropped by the max but not by the sums (2^NaN = NaN), and
+    # a +inf logit makes its own exp 2^(inf - inf) = NaN.
+    return new_m_s, l_s, new_m_t, l_t, a, inf
 
 
 @triton.jit
-def _online_stats(s_ptr, t_ptr, lo, hi, tau, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
-    """Pass 1 over elements ``[lo, hi)``: ``(m_s, l_s, m_t, l_t, A)`` (see module doc)."""
+def _empty_stats():
+    """The statistics of no class at all (the identity of the merge)."""
     m_s = tl.full((), NEG_INF, tl.float32)
     m_t = tl.full((), NEG_INF, tl.float32)
-    l_s = tl.full((), 0.0, tl.float32)
-    l_t = tl.full((), 0.0, tl.float32)
-    a = tl.full((), 0.0, tl.float32)
+    zero = tl.full((), 0.0, tl.float32)
+    return m_s, zero, m_t, zero, zero, zero
+
+
+@triton.jit
+def _online_stats(s_ptr, t_ptr, lo, hi, exp_scale, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+    """Pass 1 over elements ``[lo, hi)``: ``(m_s, l_s, m_t, l_t, A, inf)``."""
+    m_s, l_s, m_t, l_t, a, inf = _empty_stats()
     body_lo, body_hi = _segments(lo, hi, BLOCK, ALIGN)
     if lo < body_lo:
         offs = body_lo - ALIGN + tl.arange(0, ALIGN)
-        m_s, l_s, m_t, l_t, a = _stats_tile(s_ptr, t_ptr, offs, lo, hi, tau,
-                                            m_s, l_s, m_t, l_t, a, True)
+        m_s, l_s, m_t, l_t, a, inf = _stats_tile(s_ptr, t_ptr, offs, lo, hi, exp_scale,
+                                                 m_s, l_s, m_t, l_t, a, inf, True)
     for start in range(body_lo, body_hi, BLOCK):
         offs = tl.max_contiguous(tl.multiple_of(start + tl.arange(0, BLOCK), ALIGN), BLOCK)
-        m_s, l_s, m_t, l_t, a = _stats_tile(s_ptr, t_ptr, offs, lo, hi, tau,
-                                            m_s, l_s, m_t, l_t, a, False)
+        m_s, l_s, m_t, l_t, a, inf = _stats_tile(s_ptr, t_ptr, offs, lo, hi, exp_scale,
+                                                 m_s, l_s, m_t, l_t, a, inf, False)
     if body_hi < hi:
         offs = body_hi + tl.arange(0, BLOCK)
-        m_s, l_s, m_t, l_t, a = _stats_tile(s_ptr, t_ptr, offs, lo, hi, tau,
-                                            m_s, l_s, m_t, l_t, a, True)
-    return m_s, l_s, m_t, l_t, a
+        m_s, l_s, m_t, l_t, a, inf = _stats_tile(s_ptr, t_ptr, offs, lo, hi, exp_scale,
+                                                 m_s, l_s, m_t, l_t, a, inf, True)
+    return m_s, l_s, m_t, l_t, a, inf
 
 
 @triton.jit
-def _kl_from_stats(m_s, l_s, m_t, l_t, a):
-    """``KL(p_t || p_s)`` of one head from its merged statistics.
+def _head_loss(m_s, l_s, m_t, l_t, a, inf, tau, weight):
+    """``w tau^2 KL(p_t || p_s)`` of one head from its final statistics, in float64.
 
-    ``A / l_t = E_p[x_t - x_s]`` and ``lse = shift + log(l)``; the two shifts are
-    subtracted first so that large logits do not cancel in float32. Degenerate
-    heads as in the reference: a student ``-inf`` on every class (``l_s == 0``)
-    gives ``+inf`` (the formula would be ``inf - inf``); a teacher ``-inf`` on every
-    class (``l_t == 0``) has no distribution, so the head adds 0, which wins
-    (unless the student has a NaN: NaN in, NaN out).
-    Tests are ``== 0``, never ``> 0``, so that NaN sums stay NaN.
+    Degenerate heads as in the reference, by priority: NaN in (or a +inf logit)
+    gives NaN; a teacher ``-inf`` on every class (``l_t == 0``) has no
+    distribution, so 0; a head of weight 0 adds 0; a student ``-inf`` under a
+    finite teacher logit gives ``w * inf``. Tests are ``== 0``, never ``> 0``, so
+    that NaN sums stay NaN.
     """
-    kl = a / l_t - (_shift(m_t) - _shift(m_s)) - tl.log(l_t) + tl.log(l_s)
-    kl = tl.where(l_s == 0.0, float("inf"), kl)
-    # A NaN student logit shows as a NaN l_s: it stays NaN even in a masked head.
-    return tl.where(l_t == 0.0, tl.where(l_s != l_s, l_s, 0.0), kl)
+    tau64 = tau.to(tl.float64)
+    weight64 = weight.to(tl.float64)
+    l_t64 = l_t.to(tl.float64)
+    mean_gap = a.to(tl.float64) / A_TERM_SCALE / l_t64
+    log_ratio = tl.log(l_s.to(tl.float64) / l_t64)
+    loss = weight64 * tau64 * (mean_gap + tau64 * log_ratio)
+    loss = tl.where(inf != 0.0, weight64 * float("inf"), loss)
+    loss = tl.where((weight64 == 0.0) | (l_t == 0.0), 0.0, loss)
+    has_nan = (l_s != l_s) | (l_t != l_t) | (a != a) | (m_s != m_s) | (m_t != m_t)
+    return tl.where(has_nan, float("nan"), loss)
 
 
 @triton.jit
-def _grad_scale(n_rows, n_heads, REDUCTION: tl.constexpr):
-    # d(reduced loss)/d(row loss): 1/B for batchmean, 1/(B*H) for mean, 1 otherwise.
-    # `* 1.0` rather than `.to(tl.float32)`: Triton passes an int argument equal to 1
-    # as a constexpr, which has no `.to`.
-    if REDUCTION == 3:
-        scale = 1.0 / (n_rows * 1.0)
-    elif REDUCTION == 2:
-        scale = 1.0 / ((n_rows * 1.0) * (n_heads * 1.0))
-    else:
-        scale = 1.0
-    return scale
+def _log2_sum(l):
+    # log2 of a final sum as pass 2 uses it: 0 for an empty head, whose exps are all 0.
+    return tl.where(l == 0.0, 0.0, tl.log2(l))
 
 
 @triton.jit
-def _grad_tile(s_ptr, t_ptr, g_ptr, offs, lo, hi, tau, shift_s, log_l_s, shift_t, log_l_t, coef,
-               no_teacher_mass, MASKED: tl.constexpr):
+def _grad_gate(loss, l_t, weight):
+    # Multiplies the gradient: NaN for a NaN head (NaN in, NaN out), 0 for a fully
+    # masked teacher or a head of weight 0, else 1.
+    gate = tl.where((l_t == 0.0) | (weight == 0.0), 0.0, 1.0)
+    return tl.where(loss != loss, float("nan"), gate)
+
+
+@triton.jit
+def _grad_tile(s_ptr, t_ptr, g_ptr, offs, lo, hi, exp_scale, base_s, log2_l_s, base_t, log2_l_t, coef,
+               MASKED: tl.constexpr):
     if MASKED:
         mask = (offs >= lo) & (offs < hi)
-        x_s = tl.load(s_ptr + offs, mask=mask, other=NEG_INF).to(tl.float32) / tau
-        x_t = tl.load(t_ptr + offs, mask=mask, other=NEG_INF).to(tl.float32) / tau
+        u_s = tl.load(s_ptr + offs, mask=mask, other=NEG_INF).to(tl.float32)
+        u_t = tl.load(t_ptr + offs, mask=mask, other=NEG_INF).to(tl.float32)
     else:
-        x_s = tl.load(s_ptr + offs).to(tl.float32) / tau
-        x_t = tl.load(t_ptr + offs).to(tl.float32) / tau
-    # softmax(x) = exp((x - shift) - log(l)), in that order like torch's log_softmax:
-    # folding shift + log(l) into one lse first would round it to the ulp of shift,
-    # a visible error in exp for large logits.
-    p_s = tl.exp((x_s - shift_s) - log_l_s)
-    p_t = tl.exp((x_t - shift_t) - log_l_t)
-    g = tl.where(no_teacher_mass, 0.0, coef * (p_s - p_t)).to(g_ptr.dtype.element_ty)
+        u_s = tl.load(s_ptr + offs).to(tl.float32)
+        u_t = tl.load(t_ptr + offs).to(tl.float32)
+    # softmax = 2^((u - b) c - log2 l); a student -inf everywhere has l_s = 0 and all
+    # its exps 0, so its softmax is taken as 0 (the gradient is -coef * p_t).
+    p_s = tl.exp2((u_s - base_s) * exp_scale - log2_l_s)
+    p_t = tl.exp2((u_t - base_t) * exp_scale - log2_l_t)
+    g = (coef * (p_s - p_t)).to(g_ptr.dtype.element_ty)
     if MASKED:
         tl.store(g_ptr + offs, g, mask=mask)
     else:
@@ -236,36 +274,26 @@ def _grad_tile(s_ptr, t_ptr, g_ptr, offs, lo, hi, tau, shift_s, log_l_s, shift_t
 
 
 @triton.jit
-def _write_grad(s_ptr, t_ptr, g_ptr, lo, hi, tau, shift_s, log_l_s, shift_t, log_l_t, coef,
+def _write_grad(s_ptr, t_ptr, g_ptr, lo, hi, exp_scale, base_s, log2_l_s, base_t, log2_l_t, coef,
                 BLOCK: tl.constexpr, ALIGN: tl.constexpr):
-    """Pass 2 over elements ``[lo, hi)``: ``coef * (softmax(x_s) - softmax(x_t))``."""
-    # A head whose teacher is -inf everywhere (l_t = 0) adds nothing to the loss,
-    # so it adds nothing to the gradient either.
-    no_teacher_mass = log_l_t == NEG_INF
-    log_l_t = tl.where(no_teacher_mass, 0.0, log_l_t)
-    # A student -inf everywhere (l_s = 0) has p_s = 0 (not exp(-inf + inf)): the
-    # gradient is then -coef * p_t, as the contract says for that row.
-    log_l_s = tl.where(log_l_s == NEG_INF, 0.0, log_l_s)
+    """Pass 2 over elements ``[lo, hi)``: ``coef * (softmax_s - softmax_t)``."""
     body_lo, body_hi = _segments(lo, hi, BLOCK, ALIGN)
     if lo < body_lo:
         offs = body_lo - ALIGN + tl.arange(0, ALIGN)
-        _grad_tile(s_ptr, t_ptr, g_ptr, offs, lo, hi, tau, shift_s, log_l_s, shift_t, log_l_t,
-                   coef, no_teacher_mass, True)
+        _grad_tile(s_ptr, t_ptr, g_ptr, offs, lo, hi, exp_scale, base_s, log2_l_s, base_t, log2_l_t, coef, True)
     for start in range(body_lo, body_hi, BLOCK):
         offs = tl.max_contiguous(tl.multiple_of(start + tl.arange(0, BLOCK), ALIGN), BLOCK)
-        _grad_tile(s_ptr, t_ptr, g_ptr, offs, lo, hi, tau, shift_s, log_l_s, shift_t, log_l_t,
-                   coef, no_teacher_mass, False)
+        _grad_tile(s_ptr, t_ptr, g_ptr, offs, lo, hi, exp_scale, base_s, log2_l_s, base_t, log2_l_t, coef, False)
     if body_hi < hi:
         offs = body_hi + tl.arange(0, BLOCK)
-        _grad_tile(s_ptr, t_ptr, g_ptr, offs, lo, hi, tau, shift_s, log_l_s, shift_t, log_l_t,
-                   coef, no_teacher_mass, True)
+        _grad_tile(s_ptr, t_ptr, g_ptr, offs, lo, hi, exp_scale, base_s, log2_l_s, base_t, log2_l_t, coef, True)
 
 
 @triton.jit
 def _kd_fused_kernel(
     student_ptr, teacher_ptr, grad_ptr, head_offsets_ptr, temperatures_ptr, weights_ptr,
-    head_loss_ptr, n_cols, n_rows, n_heads,
-    REDUCTION: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
+    head_loss_ptr, n_cols, n_heads, grad_scale,
+    COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """One program per (row, head): loss to ``head_loss[row, head]``, gradient to ``grad[row, head's columns]``."""
     # Rows on grid axis 0 (up to 2**31 - 1 programs), heads on axis 1 (up to 65535).
@@ -274,17 +302,18 @@ def _kd_fused_kernel(
     begin, end = _chunk_bounds(head_offsets_ptr, head, 0, 1, BLOCK)
     tau = tl.load(temperatures_ptr + head)
     weight = tl.load(weights_ptr + head)
+    exp_scale = LOG2E / tau
     # Absolute int64 element indices into the flat [B * N] tensors: B * N can exceed
     # 2**31 (e.g. 8192 rows of 512k classes), and alignment is decided on them.
     lo = row * n_cols + begin
     hi = row * n_cols + end
-    m_s, l_s, m_t, l_t, a = _online_stats(student_ptr, teacher_ptr, lo, hi, tau, BLOCK, ALIGN)
-    kl = _kl_from_stats(m_s, l_s, m_t, l_t, a)
-    tl.store(head_loss_ptr + row * n_heads + head, weight * tau * tau * kl)
+    m_s, l_s, m_t, l_t, a, inf = _online_stats(student_ptr, teacher_ptr, lo, hi, exp_scale, BLOCK, ALIGN)
+    loss = _head_loss(m_s, l_s, m_t, l_t, a, inf, tau, weight)
+    tl.store(head_loss_ptr + row * n_heads + head, loss.to(tl.float32))
     if COMPUTE_GRAD:
-        coef = _grad_scale(n_rows, n_heads, REDUCTION) * weight * tau
-        _write_grad(student_ptr, teacher_ptr, grad_ptr, lo, hi, tau,
-                    _shift(m_s), tl.log(l_s), _shift(m_t), tl.log(l_t), coef, BLOCK, ALIGN)
+        coef = _grad_gate(loss, l_t, weight).to(tl.float32) * (grad_scale * weight * tau)
+        _write_grad(student_ptr, teacher_ptr, grad_ptr, lo, hi, exp_scale, _base(m_s), _log2_sum(l_s),
+                    _base(m_t), _log2_sum(l_t), coef, BLOCK, ALIGN)
 
 
 @triton.jit
@@ -292,27 +321,74 @@ def _kd_partial_stats_kernel(
     student_ptr, teacher_ptr, head_offsets_ptr, temperatures_ptr, partial_ptr, n_cols, n_heads,
     NUM_SPLITS: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    """Split path, pass 1: one program per (row, head, chunk) writes ``partial[row, head, chunk, :5]``."""
+    """Split path, pass 1: one program per (row, head, chunk) writes ``partial[row, head, chunk, :]``."""
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     chunk = tl.program_id(2)
     begin, end = _chunk_bounds(head_offsets_ptr, head, chunk, NUM_SPLITS, BLOCK)
-    tau = tl.load(temperatures_ptr + head)
-    m_s, l_s, m_t, l_t, a = _online_stats(
-        student_ptr, teacher_ptr, row * n_cols + begin, row * n_cols + end, tau, BLOCK, ALIGN)
-    out = partial_ptr + ((row * n_heads + head) * NUM_SPLITS + chunk) * 5
+    exp_scale = LOG2E / tl.load(temperatures_ptr + head)
+    m_s, l_s, m_t, l_t, a, inf = _online_stats(
+        student_ptr, teacher_ptr, row * n_cols + begin, row * n_cols + end, exp_scale, BLOCK, ALIGN)
+    out = partial_ptr + ((row * n_heads + head) * NUM_SPLITS + chunk) * 6
     tl.store(out + 0, m_s)
     tl.store(out + 1, l_s)
     tl.store(out + 2, m_t)
     tl.store(out + 3, l_t)
     tl.store(out + 4, a)
+    tl.store(out + 5, inf)
+
+
+@triton.jit
+def _kd_merge_kernel(
+    partial_ptr, temperatures_ptr, weights_ptr, head_loss_ptr, grad_stats_ptr, n_heads,
+    NUM_SPLITS: tl.constexpr,
+):
+    """Split path, merge: one program per (row, head) merges its chunks' statistics
+    (the :func:`_rebase` algebra, chunk by chunk) into the head's loss and what the
+    gradient pass needs (``grad_stats[row, head, :5]``)."""
+    row = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    tau = tl.load(temperatures_ptr + head)
+    weight = tl.load(weights_ptr + head)
+    exp_scale = LOG2E / tau
+    m_s, l_s, m_t, l_t, a, inf = _empty_stats()
+    has_nan = tl.full((), 0.0, tl.float32)
+    base = partial_ptr + (row * n_heads + head) * NUM_SPLITS * 6
+    for chunk in range(NUM_SPLITS):
+        stats = base + chunk * 6
+        c_m_s = tl.load(stats + 0)
+        c_l_s = tl.load(stats + 1)
+        c_m_t = tl.load(stats + 2)
+        c_l_t = tl.load(stats + 3)
+        c_a = tl.load(stats + 4)
+        # A NaN max (a NaN logit) must survive the merge: tl.maximum may drop it.
+        has_nan = tl.maximum(has_nan, tl.where((c_m_s != c_m_s) | (c_m_t != c_m_t), 1.0, 0.0))
+        new_m_s = tl.maximum(m_s, c_m_s)
+        new_m_t = tl.maximum(m_t, c_m_t)
+        l_s, l_t, a = _rebase(m_s, l_s, m_t, l_t, a, new_m_s, new_m_t, exp_scale)
+        c_l_s, c_l_t, c_a = _rebase(c_m_s, c_l_s, c_m_t, c_l_t, c_a, new_m_s, new_m_t, exp_scale)
+        l_s += c_l_s
+        l_t += c_l_t
+        a += c_a
+        inf = tl.maximum(inf, tl.load(stats + 5))
+        m_s = new_m_s
+        m_t = new_m_t
+    m_s = tl.where(has_nan != 0.0, float("nan"), m_s)
+    loss = _head_loss(m_s, l_s, m_t, l_t, a, inf, tau, weight)
+    tl.store(head_loss_ptr + row * n_heads + head, loss.to(tl.float32))
+    out = grad_stats_ptr + (row * n_heads + head) * 5
+    tl.store(out + 0, _base(m_s))
+    tl.store(out + 1, _log2_sum(l_s))
+    tl.store(out + 2, _base(m_t))
+    tl.store(out + 3, _log2_sum(l_t))
+    tl.store(out + 4, _grad_gate(loss, l_t, weight).to(tl.float32))
 
 
 @triton.jit
 def _kd_split_grad_kernel(
     student_ptr, teacher_ptr, grad_ptr, head_offsets_ptr, temperatures_ptr, weights_ptr,
-    row_stats_ptr, n_cols, n_rows, n_heads,
-    REDUCTION: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
+    grad_stats_ptr, n_cols, n_heads, grad_scale,
+    NUM_SPLITS: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """Split path, pass 2: one program per (row, head, chunk) writes its chunk's gradient."""
     row = tl.program_id(0).to(tl.int64)
@@ -321,10 +397,9 @@ def _kd_split_grad_kernel(
     begin, end = _chunk_bounds(head_offsets_ptr, head, chunk, NUM_SPLITS, BLOCK)
     tau = tl.load(temperatures_ptr + head)
     weight = tl.load(weights_ptr + head)
-    # The merged (shift_s, log l_s, shift_t, log l_t) of this row and head.
-    stats = row_stats_ptr + (row * n_heads + head) * 4
-    coef = _grad_scale(n_rows, n_heads, REDUCTION) * weight * tau
-    _write_grad(student_ptr, teacher_ptr, grad_ptr, row * n_cols + begin, row * n_cols + end, tau,
+    stats = grad_stats_ptr + (row * n_heads + head) * 5
+    coef = tl.load(stats + 4) * (grad_scale * weight * tau)
+    _write_grad(student_ptr, teacher_ptr, grad_ptr, row * n_cols + begin, row * n_cols + end, LOG2E / tau,
                 tl.load(stats + 0), tl.load(stats + 1), tl.load(stats + 2), tl.load(stats + 3),
                 coef, BLOCK, ALIGN)
 
@@ -350,8 +425,8 @@ class SplitPolicy:
     (``target_programs``, default ``programs_per_sm`` per SM) and the head is
     wide enough that each chunk still streams ``min_cols_per_split`` classes.
     In the interpreter (CPU tensors) the default target is 1 program: it runs
-    programs one at a time, so splitting would only add work; tests force the
-    split path by replacing :data:`SPLIT_POLICY`.
+    programs one at a time, so splitting would only add work. Pass another
+    policy to :func:`launch_config` (tests force the split path that way).
     """
 
     min_cols_per_split: int = 16384
@@ -360,18 +435,35 @@ class SplitPolicy:
     target_programs: int | None = None
 
 
-# Module-level so that tests (and users with unusual GPUs) can replace it.
-SPLIT_POLICY = SplitPolicy()
+DEFAULT_SPLIT_POLICY = SplitPolicy()
+
+# What launch_config uses when a caller passes nothing: (split policy, tile cap).
+# Set only through launch_settings (a context, so nothing leaks out of it).
+_LAUNCH_SETTINGS: contextvars.ContextVar[tuple[SplitPolicy, int]] = contextvars.ContextVar(
+    "rcfast_kd_launch_settings", default=(DEFAULT_SPLIT_POLICY, MAX_BLOCK))
 
 
-def block_and_warps(max_head_width: int) -> tuple[int, int]:
+@contextlib.contextmanager
+def launch_settings(policy: SplitPolicy | None = None, max_block: int | None = None):
+    """Within the block, calls that do not pass a launch config (e.g. through
+    ``rcfast.multihead_kd_loss``) use this split policy and tile cap: for tests
+    (small tiles, a forced split path) and for tuning on an unusual GPU."""
+    current_policy, current_block = _LAUNCH_SETTINGS.get()
+    token = _LAUNCH_SETTINGS.set((policy or current_policy, max_block or current_block))
+    try:
+        yield
+    finally:
+        _LAUNCH_SETTINGS.reset(token)
+
+
+def block_and_warps(max_head_width: int, max_block: int = MAX_BLOCK) -> tuple[int, int]:
     """Tile width and warps for heads up to ``max_head_width`` classes (Liger-style).
 
     The tile is the next power of two of the width, clamped to
-    ``[MIN_BLOCK, MAX_BLOCK]`` (wider heads loop over tiles); warps grow with the
+    ``[MIN_BLOCK, max_block]`` (wider heads loop over tiles); warps grow with the
     tile so each thread keeps about 8-16 values per input.
     """
-    block = min(max(triton.next_power_of_2(max(int(max_head_width), 1)), MIN_BLOCK), MAX_BLOCK)
+    block = min(max(triton.next_power_of_2(max(int(max_head_width), 1)), MIN_BLOCK), max_block)
     num_warps = min(max(block // 512, 1), 8)
     return block, num_warps
 
@@ -391,16 +483,20 @@ def _target_programs(device: torch.device, policy: SplitPolicy) -> int:
 
 
 def launch_config(num_rows: int, num_cols: int, num_heads: int, device: torch.device,
-                  policy: SplitPolicy | None = None) -> LaunchConfig:
+                  policy: SplitPolicy | None = None, max_block: int | None = None) -> LaunchConfig:
     """The launch of one call, from shapes only (no device value is read, so no sync).
 
     The widest head is not known without reading ``head_offsets``; every head has
     at least one class, so ``N - (H - 1)`` bounds it (exact for one head).
+    ``policy``/``max_block`` default to :func:`launch_settings`' (normally
+    :data:`DEFAULT_SPLIT_POLICY` and :data:`MAX_BLOCK`).
     """
-    policy = SPLIT_POLICY if policy is None else policy
+    default_policy, default_block = _LAUNCH_SETTINGS.get()
+    policy = policy or default_policy
+    max_block = max_block or default_block
     num_rows, num_cols, num_heads = int(num_rows), int(num_cols), int(num_heads)
     widest = num_cols - (num_heads - 1)
-    block, num_warps = block_and_warps(widest)
+    block, num_warps = block_and_warps(widest, max_block)
     num_splits = 1
     programs = num_rows * num_heads
     target = _target_programs(device, policy)
@@ -427,47 +523,21 @@ def _launch_context(device: torch.device):
 # Host function
 # --------------------------------------------------------------------------------------
 
-def _merge_partials(partial: torch.Tensor):
-    """Merge ``[B, H, S, 5]`` partial statistics over the chunks (torch ops, no sync).
-
-    Same algebra as the in-kernel rescaling: each chunk's sums are brought to the
-    merged max by ``exp(m_chunk - shift)``; an empty or all ``-inf`` chunk has
-    ``m = -inf``, weight 0 and sums 0.
-    """
-    m_s, l_s, m_t, l_t, a = partial.unbind(-1)
-    max_s = m_s.amax(dim=-1)
-    max_t = m_t.amax(dim=-1)
-    neg_inf = torch.tensor(float("-inf"), dtype=partial.dtype, device=partial.device)
-    zero = torch.zeros((), dtype=partial.dtype, device=partial.device)
-    shift_s = torch.where(max_s == neg_inf, zero, max_s)
-    shift_t = torch.where(max_t == neg_inf, zero, max_t)
-    weight_s = torch.exp(m_s - shift_s.unsqueeze(-1))
-    weight_t = torch.exp(m_t - shift_t.unsqueeze(-1))
-    sum_s = (l_s * weight_s).sum(dim=-1)
-    sum_t = (l_t * weight_t).sum(dim=-1)
-    # As in the kernel: a chunk whose weight underflows to 0 drops its A (possibly +inf).
-    sum_a = torch.where(weight_t == 0, zero, a * weight_t).sum(dim=-1)
-    kl = sum_a / sum_t - (shift_t - shift_s) - torch.log(sum_t) + torch.log(sum_s)
-    kl = torch.where(sum_s == 0, torch.full_like(kl, float("inf")), kl)
-    kl = torch.where(sum_t == 0, torch.where(torch.isnan(sum_s), sum_s, zero), kl)
-    row_stats = torch.stack([shift_s, torch.log(sum_s), shift_t, torch.log(sum_t)], dim=-1)
-    return kl, row_stats.contiguous()
-
-
 def kd_head_losses(
     student: torch.Tensor,
     teacher: torch.Tensor,
     head_offsets: torch.Tensor,
     temperatures: torch.Tensor,
     weights: torch.Tensor,
-    reduction: int,
+    grad_scale: float,
     compute_grad: bool,
     config: LaunchConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the kernels: ``(head_losses [B, H] float32, grad)``.
 
-    ``head_losses[b, h] = w_h * tau_h**2 * KL_h(row b)``; ``grad`` is the
-    gradient of the reduced loss (``reduction`` selects its scale) in the
+    ``head_losses[b, h] = w_h * tau_h**2 * KL_h(row b)``; ``grad`` is
+    ``grad_scale * w_h * tau_h * (softmax_s - softmax_t)`` (``grad_scale`` is the
+    reduction's, see ``rcfast.ops.kernel_contract.reduction_scale``) in the
     student's dtype, ``[B, N]``, or an empty ``[0]`` tensor without
     ``compute_grad``. Inputs are as in :mod:`rcfast.ops.kernel_contract`
     (contiguous, on one device). ``config`` overrides :func:`launch_config`.
@@ -478,6 +548,8 @@ def kd_head_losses(
     if config is None:
         config = launch_config(num_rows, num_cols, num_heads, device)
     block, num_warps, num_splits = config.block, config.num_warps, config.num_splits
+    # grad_scale stays as given: under torch.compile(dynamic=True) it is 1/B of a
+    # symbolic B, and float() would specialise the graph on the batch size.
 
     head_losses = torch.empty((num_rows, num_heads), dtype=torch.float32, device=device)
     grad = torch.empty_like(student) if compute_grad else student.new_empty((0,))
@@ -488,25 +560,26 @@ def kd_head_losses(
         if num_splits == 1:
             wrap_triton(_kd_fused_kernel)[(num_rows, num_heads)](
                 student, teacher, grad_arg, head_offsets, temperatures, weights,
-                head_losses, num_cols, num_rows, num_heads,
-                REDUCTION=reduction, COMPUTE_GRAD=compute_grad, BLOCK=block, ALIGN=ALIGN,
-                num_warps=num_warps,
+                head_losses, num_cols, num_heads, grad_scale,
+                COMPUTE_GRAD=compute_grad, BLOCK=block, ALIGN=ALIGN, num_warps=num_warps,
             )
             return head_losses, grad
 
         partial = torch.empty((num_rows, num_heads, num_splits, NUM_PARTIAL_STATS),
                               dtype=torch.float32, device=device)
+        grad_stats = torch.empty((num_rows, num_heads, NUM_GRAD_STATS), dtype=torch.float32, device=device)
         wrap_triton(_kd_partial_stats_kernel)[(num_rows, num_heads, num_splits)](
             student, teacher, head_offsets, temperatures, partial, num_cols, num_heads,
             NUM_SPLITS=num_splits, BLOCK=block, ALIGN=ALIGN, num_warps=num_warps,
         )
-        kl, row_stats = _merge_partials(partial)
-        head_losses = weights * temperatures * temperatures * kl
+        wrap_triton(_kd_merge_kernel)[(num_rows, num_heads)](
+            partial, temperatures, weights, head_losses, grad_stats, num_heads,
+            NUM_SPLITS=num_splits, num_warps=1,
+        )
         if compute_grad:
             wrap_triton(_kd_split_grad_kernel)[(num_rows, num_heads, num_splits)](
-                student, teacher, grad, head_offsets, temperatures, weights, row_stats,
-                num_cols, num_rows, num_heads,
-                REDUCTION=reduction, NUM_SPLITS=num_splits, BLOCK=block, ALIGN=ALIGN,
-                num_warps=num_warps,
+                student, teacher, grad, head_offsets, temperatures, weights, grad_stats,
+                num_cols, num_heads, grad_scale,
+                NUM_SPLITS=num_splits, BLOCK=block, ALIGN=ALIGN, num_warps=num_warps,
             )
     return head_losses, grad

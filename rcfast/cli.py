@@ -9,8 +9,12 @@
   source checkout, in script mode.
 - ``rcfast demo [--out DIR] [--quick]``: the end-to-end digits demo.
 
-Configuration and input errors print one ``rcfast: error: ...`` line and exit
-with status 2 (``RCFAST_DEBUG=1`` shows the traceback instead).
+Configuration and input errors -- and a run that diverges, loses a DDP peer,
+or meets an unusable checkpoint -- print one ``rcfast: error: ...`` line and
+exit with status 2 (``RCFAST_DEBUG=1`` shows the traceback instead). Each
+command first checks that the optional packages it needs are installed
+(:data:`COMMAND_NEEDS`), so a missing extra is reported in the first second,
+naming the ``pip install 'rcfast[...]'`` that brings it.
 """
 from __future__ import annotations
 
@@ -19,9 +23,21 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
-__all__ = ["main", "build_parser"]
+from rcfast.extras import require
+
+__all__ = ["main", "build_parser", "COMMAND_NEEDS"]
+
+# Optional modules each command needs (rcfast.extras maps them to extras), checked before it does anything.
+_DATA = ("numpy", "PIL", "simplejpeg")  # rcfast.data: images are checked with simplejpeg when listed
+COMMAND_NEEDS = {
+    "consolidate": ("yaml", "tqdm") + _DATA,
+    "eval": ("yaml", "tqdm", "sklearn", "threadpoolctl") + _DATA,
+    "demo": ("yaml", "tqdm", "sklearn", "threadpoolctl", "matplotlib") + _DATA,
+    "bench": (),
+}
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCH_SCRIPT = REPO_ROOT / "bench" / "bench_kd_loss.py"
@@ -40,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. train.max_steps=100 or teachers.0.weight=2")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume a run under a config that differs in more than run-length/logging fields "
+                        "(train.allow_config_change: true); the change is recorded")
 
     p = sub.add_parser("eval", help="transfer evaluation of a trained backbone on a labeled task")
     p.add_argument("--checkpoint", required=True, help="final.pt or a trainer checkpoint")
@@ -69,7 +88,8 @@ def _consolidate(args) -> int:
     from rcfast.train import Consolidator, dump_config, load_config
     from rcfast.train.runtime import apply_runtime
 
-    config = load_config(args.config, args.overrides)
+    overrides = list(args.overrides) + (["train.allow_config_change=true"] if args.allow_config_change else [])
+    config = load_config(args.config, overrides)
     if args.print_config:
         print(dump_config(config), end="")
         return 0
@@ -86,57 +106,41 @@ def _consolidate(args) -> int:
     return 0
 
 
-def _load_backbone(args):
-    import torch
-
-    from rcfast.models import build_model
-    from rcfast.train.teachers import extract_model_state
-
-    path = Path(args.checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"--checkpoint: file {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state = extract_model_state(checkpoint)
-    config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
-    if args.backbone is not None:
-        name = args.backbone
-        try:
-            kwargs = json.loads(args.backbone_kwargs) if args.backbone_kwargs else {}
-        except json.JSONDecodeError as exc:
-            raise CliError(f"--backbone-kwargs is not valid JSON: {exc}") from exc
-    elif config is not None:
-        name, kwargs = config["student"]["backbone"], config["student"]["backbone_kwargs"]
-    else:
-        raise CliError(f"{path} holds no run config: pass --backbone (and --backbone-kwargs)")
-    backbone = build_model(name, **kwargs)
-    if any(k.startswith("backbone.") for k in state):
-        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    try:
-        backbone.load_state_dict(state)
-    except RuntimeError as exc:
-        raise CliError(f"{path} does not fit backbone {name!r} with {kwargs}: {exc}") from exc
-    image_size = args.image_size or (config["data"]["image_size"] if config is not None else None)
-    if image_size is None:
-        raise CliError("--image-size is needed: the checkpoint holds no run config")
-    return backbone, image_size
-
-
 def _eval(args) -> int:
     from rcfast.data import ProxyImages
     from rcfast.eval import evaluate_transfer
     from rcfast.train.distributed import resolve_device
+    from rcfast.train.trained_model import load_trained_backbone
 
+    for option, value, low in (("--batch-size", args.batch_size, 1), ("--finetune-epochs", args.finetune_epochs, 0),
+                               ("--image-size", args.image_size if args.image_size is not None else 1, 1)):
+        if value < low:
+            raise CliError(f"{option} must be >= {low}, got {value}")
+    if any(k < 1 for k in args.knn_k):
+        raise CliError(f"--knn-k values must be >= 1, got {args.knn_k}")
+    kwargs = None
+    if args.backbone_kwargs is not None:
+        if args.backbone is None:
+            raise CliError("--backbone-kwargs needs --backbone")
+        try:
+            kwargs = json.loads(args.backbone_kwargs)
+        except json.JSONDecodeError as exc:
+            raise CliError(f"--backbone-kwargs is not valid JSON: {exc}") from exc
+        if not isinstance(kwargs, dict):
+            raise CliError(f"--backbone-kwargs must be a JSON object, got {args.backbone_kwargs}")
     data = Path(args.data)
     for split in ("train", "test"):
         if not (data / split).is_dir():
             raise FileNotFoundError(f"--data: {data / split} does not exist (expected train/ and test/ class folders)")
-    backbone, image_size = _load_backbone(args)
+    trained = load_trained_backbone(args.checkpoint, args.backbone, kwargs, args.image_size)
+    if trained.image_size is None:
+        raise CliError("--image-size is needed: the checkpoint holds no run config")
     device = resolve_device(args.device)
-    backbone.to(device)
+    backbone = trained.backbone.to(device)
 
     def labeled(split: str) -> ProxyImages:
-        return ProxyImages(str(data / split), image_size=image_size, batch_size=args.batch_size, device=str(device),
-                           augment=args.augment, labels=True, drop_last=False, shuffle=False,
+        return ProxyImages(str(data / split), image_size=trained.image_size, batch_size=args.batch_size,
+                           device=str(device), augment=args.augment, labels=True, drop_last=False, shuffle=False,
                            backend=args.data_backend)
 
     train, test = labeled("train"), labeled("test")
@@ -179,18 +183,37 @@ def _demo(args) -> int:
 COMMANDS = {"consolidate": _consolidate, "eval": _eval, "bench": _bench, "demo": _demo}
 
 
+def _one_line_warnings(message, category, filename, lineno, file=None, line=None) -> str:
+    return f"rcfast: warning: {' '.join(str(message).split())}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``rcfast`` console script; returns the exit status."""
-    from rcfast.train.config import ConfigError
-
     args = build_parser().parse_args(argv)
+    # This process is the command's own: its warnings print as one line each, like its errors.
+    warnings.formatwarning = _one_line_warnings
     try:
+        require(f"rcfast {args.command}", *COMMAND_NEEDS.get(args.command, ()))
         return COMMANDS[args.command](args)
-    except (CliError, ConfigError, FileNotFoundError, ValueError, ImportError) as exc:
-        if os.environ.get("RCFAST_DEBUG") == "1":
+    except Exception as exc:
+        if os.environ.get("RCFAST_DEBUG") == "1" or not _reported(exc):
             raise
-        print(f"rcfast: error: {exc}", file=sys.stderr)
+        # rcfast's own OSErrors carry their whole message as strerror (no "[Errno N]" in front).
+        text = exc.strerror if isinstance(exc, OSError) and exc.filename is None and exc.strerror else str(exc)
+        print(f"rcfast: error: {' '.join(text.split()) or type(exc).__name__}", file=sys.stderr)
         return 2
+
+
+def _reported(exc: BaseException) -> bool:
+    """Is ``exc`` a problem of the command's inputs or run, to print as one line (not a bug: a traceback)?"""
+    if isinstance(exc, (CliError, ValueError, OSError, ImportError)):  # ConfigError, CheckpointError are ValueErrors
+        return True
+    if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc) or "out of memory" in str(exc).lower():
+        return True  # a model or batch too large for this machine
+    if "rcfast.train" in sys.modules:  # TrainingError: divergence, a DDP peer lost
+        from rcfast.train.errors import TrainingError
+        return isinstance(exc, TrainingError)
+    return False
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import torch
 import yaml
 from PIL import Image
 
+from helpers.tiny_run import one_line_error, run_cli, tiny_run, write_config
 from rcfast import cli
 from rcfast.models import build_classifier
 from rcfast.train import (ConfigError, Consolidator, RunConfig, TeacherConfig, config_from_dict, config_to_dict,
@@ -110,7 +111,7 @@ def _teacher_checkpoint(tmp_path: Path, num_classes: int = 5) -> Path:
     ("unknown builder", r"teacher 'a': cannot build 'resnet9000'.*unknown model 'resnet9000'"),
     ("head size", r"teacher 'a': checkpoint .*a\.pt does not fit builder 'small_cnn' with num_classes=7"),
     ("missing file", r"teacher 'a': checkpoint file .*missing\.pt does not exist"),
-    ("not weights", r"teacher 'a': .*not a loadable weights-only checkpoint"),
+    ("not weights", r"teacher 'a': checkpoint .*code\.pt is not a loadable weights-only checkpoint: it holds code"),
 ], ids=["unknown-builder", "head-size", "missing-file", "not-weights"])
 def test_bad_teachers_are_clear_errors(tmp_path, capsys, case, message):
     _teacher_checkpoint(tmp_path)
@@ -139,6 +140,7 @@ def _image_tree(root: Path, classes: int, per_class: int, seed: int) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_cli_trains_a_teacher_distils_a_student_and_evaluates_it(tmp_path, capsys):
     teacher_data = _image_tree(tmp_path / "teacher_data", 3, 8, seed=0)
     proxy = tmp_path / "proxy"
@@ -212,6 +214,7 @@ def test_bench_without_the_script_is_a_clear_error(monkeypatch, tmp_path, capsys
     assert "source checkout" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_quick_writes_report_chart_and_table(tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli.main(["demo", "--out", str(out), "--quick"]) == 0
@@ -228,3 +231,319 @@ def test_demo_quick_writes_report_chart_and_table(tmp_path, capsys):
     assert (out / "transfer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # every run went through a YAML config that `rcfast consolidate` accepts
     assert load_config(out / "configs" / "repcon.yaml").teachers[2].generalist
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every config field has a valid range, refused with the key named (issue 8, item 13).
+
+@pytest.mark.parametrize("section,key,value,message", [
+    ("optim", "clip_grad_norm", -1.0, r"optim.clip_grad_norm must be a finite number > 0, or null"),
+    ("optim", "clip_grad_norm", 0.0, r"optim.clip_grad_norm must be a finite number > 0"),
+    ("optim", "min_lr_ratio", -3.0, r"optim.min_lr_ratio must be in \[0, 1\]"),
+    ("optim", "min_lr_ratio", 1.5, r"optim.min_lr_ratio must be in \[0, 1\]"),
+    ("optim", "weight_decay", -0.1, r"optim.weight_decay must be a finite number >= 0"),
+    ("optim", "lr", float("inf"), r"optim.lr must be a finite number > 0, got inf"),
+    ("optim", "lr", float("nan"), r"optim.lr must be a finite number > 0, got nan"),
+    ("optim", "lr", 0.0, r"optim.lr must be a finite number > 0"),
+    ("optim", "lr", 10 ** 400, r"optim.lr must be a number of float range"),
+    ("optim", "momentum", 1.0, r"optim.momentum must be in \[0, 1\)"),
+    ("optim", "betas", [0.9, 1.5], r"optim.betas must be two numbers in \[0, 1\)"),
+    ("optim", "betas", [0.9], r"optim.betas must be two numbers"),
+    ("optim", "warmup_steps", -1, r"optim.warmup_steps must be >= 0"),
+    ("optim", "name", "adagrad", r"optim.name must be one of"),
+    ("train", "num_threads", 0, r"train.num_threads must be in \[1, 1024\]"),
+    ("train", "max_steps", 0, r"train.max_steps must be >= 1"),
+    ("train", "log_every", 0, r"train.log_every must be >= 1"),
+    ("train", "checkpoint_every", -2, r"train.checkpoint_every must be >= 0"),
+    ("train", "keep_checkpoints", 0, r"train.keep_checkpoints must be >= 1"),
+    ("train", "seed", -1, r"train.seed must be in \[0, 2\*\*63 - 1\]"),
+    ("train", "seed", 2 ** 64, r"train.seed must be in"),
+    ("train", "dist_timeout_s", 0.0, r"train.dist_timeout_s must be a finite number of seconds >= 1"),
+    ("train", "dist_timeout_s", 0.001, r"train.dist_timeout_s must be a finite number of seconds >= 1"),
+    ("train", "num_threads", 10**6, r"train.num_threads must be in \[1, 1024\]"),
+    ("train", "out_dir", "runs/a\x00b", r"train.out_dir contains a NUL character"),
+    ("train", "dist_timeout_s", float("inf"), r"train.dist_timeout_s must be a finite"),
+    ("train", "device", "gpu0", r"train.device must be 'auto' or a torch device"),
+    ("train", "loss_backend", "fast", r"train.loss_backend must be one of"),
+    ("train", "dist_backend", "mpi", r"train.dist_backend must be one of"),
+    ("train", "out_dir", "", r"train.out_dir must be a folder path"),
+    ("data", "batch_size", 0, r"data.batch_size must be > 0"),
+    ("data", "image_size", 0, r"data.image_size must be in \[1, 4096\]"),
+    ("data", "image_size", 100_000, r"data.image_size must be in \[1, 4096\]"),
+    ("data", "num_threads", 100_000, r"data.num_threads must be in \[0, 1024\]"),
+    ("data", "num_threads", -1, r"data.num_threads must be in \[0, 1024\]"),
+    ("data", "backend", "opencv", r"data.backend must be one of"),
+    ("data", "augment", "mixup", r"data.augment must be one of"),
+    ("student", "backbone_kwargs", {"1bad": 2}, r"student.backbone_kwargs: keyword names must be identifiers"),
+    ("student", "heads", {"a": -5}, r"student.heads.a must be a positive number of classes"),
+])
+def test_meaningless_values_are_refused_naming_the_key(tmp_path, section, key, value, message):
+    data = _minimal(tmp_path)
+    data.setdefault(section, {})[key] = value
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(data)
+
+
+@pytest.mark.parametrize("patch,message", [
+    ({"objective": [{"term": "multihead_kd", "weight": -1.0}]}, r"objective\[0\].weight must be a finite number >= 0"),
+    ({"objective": [{"term": "multihead_kd", "head_weights": -0.5}]}, r"head_weights must be >= 0"),
+    ({"objective": [{"term": "multihead_kd", "head_weights": {"a": -2.0}}]}, r"head_weights\['a'\] must be >= 0"),
+    ({"objective": [{"term": "multihead_kd", "temperature": 0.0}]}, r"temperature must be > 0"),
+])
+def test_negative_term_weights_are_refused(tmp_path, patch, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(dict(_minimal(tmp_path), **patch))
+
+
+def test_a_batch_larger_than_the_data_set_is_refused_before_training(tmp_path, capsys):
+    config = tiny_run(tmp_path)
+    config["data"]["batch_size"] = 64  # 16 images, drop_last
+    path = write_config(tmp_path / "run.yaml", config)
+    assert cli.main(["consolidate", "--config", str(path)]) == 2
+    error = one_line_error(capsys.readouterr().err)
+    assert "data.batch_size=64 is larger than the 16 images data.source gives this process" in error, error
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert cli.main(["consolidate", "--config", str(path), "--set", "data.drop_last=false",
+                     "--set", "train.max_steps=1"]) == 0
+
+
+def test_a_diverging_run_is_a_one_line_error_and_writes_no_model(tmp_path, capsys):
+    config = tiny_run(tmp_path, steps=4, checkpoint_every=2)
+    config["optim"].update(lr=1e30, clip_grad_norm=None)
+    config["train"]["log_every"] = 4
+    path = write_config(tmp_path / "run.yaml", config)
+    assert cli.main(["consolidate", "--config", str(path)]) == 2
+    error = one_line_error(capsys.readouterr().err)
+    assert error.startswith("rcfast: error: training diverged: ") and "no checkpoint was written before" in error
+    run = tmp_path / "run"
+    assert not (run / "final.pt").exists() and not list((run / "checkpoints").glob("*.pt"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hostile inputs: one `rcfast: error: ...` line each, never a traceback (issue 8, item 16).
+
+BOMB = "".join(f"{n}: &{n} [{', '.join(['*' + p] * 10 if p else ['1'] * 10)}]\n"
+               for n, p in zip("abcdefghi", [None] + list("abcdefgh"))) + "student: {backbone_kwargs: {x: *i}}\n"
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00", "is not a UTF-8 text file (byte 0 is 0x89)"),
+    ("list", b"- train\n- data\n", "must be a mapping (key: value lines) at the top level, got a list"),
+    ("scalar", b"42\n", "got a int"),
+    ("bomb", BOMB.encode(), "holds more than 50000 values once its YAML aliases are expanded"),
+    ("recursive", b"student: &s {backbone_kwargs: {x: *s}}\n", "refers to itself"),
+    ("deep", b"x: " + b"[" * 100000 + b"]" * 100000, "nests more than 64 levels deep"),
+    ("huge", b"# " + b"x" * (300 << 10), "is larger than 256 KiB"),
+    ("tab", b"train:\n\tmax_steps: 3\n", "is not valid YAML"),
+    ("python-tag", b"train: !!python/object/apply:os.system ['true']\n", "is not valid YAML"),
+], ids=lambda v: v if isinstance(v, str) and len(v) < 12 else None)
+def test_hostile_config_files(tmp_path, capsys, name, content, message):
+    path = tmp_path / f"{name}.yaml"
+    path.write_bytes(content)
+    assert cli.main(["consolidate", "--config", str(path)]) == 2
+    error = one_line_error(capsys.readouterr().err)
+    assert message in error, error
+
+
+@pytest.mark.parametrize("target,message", [
+    ("directory", "is a directory, not a YAML file"),
+    ("/dev/zero", "is larger than 256 KiB"),
+    ("missing", "does not exist"),
+])
+def test_config_paths_that_are_not_files(tmp_path, capsys, target, message):
+    path = {"directory": str(tmp_path), "/dev/zero": "/dev/zero", "missing": str(tmp_path / "nope.yaml")}[target]
+    assert cli.main(["consolidate", "--config", path]) == 2
+    assert message in one_line_error(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train..max_steps=1", "a key path is dot-separated names"),
+    ("=3", "a key path is dot-separated names"),
+    ("train.max_steps.x=1", "cannot index into a int"),
+    ("teachers.x.name=a", "'x' is not an index of a list of 1 entries"),
+    ("teachers.-1.name=a", "'-1' is not an index"),
+    ("nothing", "--set expects key=value"),
+    ("train=5", "train must be a mapping, got int"),
+    ("train.max_steps=[[[[", "is not valid YAML"),
+    ("student.backbone_kwargs=&a [*a]", "refers to itself"),
+])
+def test_bad_overrides(tmp_path, capsys, override, message):
+    path = _write(tmp_path, _minimal(tmp_path))
+    assert cli.main(["consolidate", "--config", str(path), "--set", override]) == 2
+    assert message in one_line_error(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("empty path", r"teachers\[0\].checkpoint must be set"),
+    ("directory", r"teacher 'a': checkpoint .* is a directory, not a checkpoint file"),
+    ("empty file", r"teacher 'a': checkpoint .*empty\.pt is empty \(0 bytes\)"),
+    ("truncated", r"teacher 'a': checkpoint .*cut\.pt is not a loadable weights-only checkpoint: truncated"),
+])
+def test_unusable_teacher_paths(tmp_path, capsys, case, message):
+    _teacher_checkpoint(tmp_path)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "a.pt").read_bytes()[:3000])
+    (tmp_path / "folder.pt").mkdir()
+    checkpoint = {"empty path": "", "directory": str(tmp_path / "folder.pt"), "empty file": str(tmp_path / "empty.pt"),
+                  "truncated": str(tmp_path / "cut.pt")}[case]
+    path = _write(tmp_path, _minimal(tmp_path, checkpoint=checkpoint))
+    assert cli.main(["consolidate", "--config", str(path)]) == 2
+    assert re.search(message, one_line_error(capsys.readouterr().err))
+
+
+def test_a_model_too_large_for_the_machine_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    def too_large(*args, **kwargs):  # what torch raises when an allocation fails (not tried for real here)
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 512000000000 bytes.")
+    monkeypatch.setattr("rcfast.train.consolidator.build_student", too_large)
+    path = write_config(tmp_path / "run.yaml", tiny_run(tmp_path))
+    assert cli.main(["consolidate", "--config", str(path)]) == 2
+    assert "can't allocate memory" in one_line_error(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("width", r"student: cannot build backbone 'small_cnn' with backbone_kwargs \{'width': 0.5\}"),
+    ("norm", r"student: cannot build backbone 'small_cnn' with .*norm must be one of"),
+    ("binary source", r"data.source: .*teacher\.pt is neither an image folder nor a UTF-8 list of image files"),
+    ("out_dir is a file", r"^rcfast: error: train.out_dir: cannot write to .*000\.png"),
+])
+def test_values_only_the_builders_can_judge_are_still_named(tmp_path, capsys, case, message):
+    config = tiny_run(tmp_path)
+    if case == "width":
+        config["student"]["backbone_kwargs"]["width"] = 0.5
+    elif case == "norm":
+        config["student"]["backbone_kwargs"]["norm"] = "layer"
+    elif case == "binary source":
+        config["data"]["source"] = config["teachers"][0]["checkpoint"]
+    else:
+        config["train"]["out_dir"] = str(tmp_path / "proxy" / "000.png")
+    assert cli.main(["consolidate", "--config", str(write_config(tmp_path / "run.yaml", config))]) == 2
+    error = one_line_error(capsys.readouterr().err)
+    assert re.search(message, error), error
+
+
+def _unwritable_dir(tmp_path: Path) -> Path | None:
+    """A folder this process cannot create files in (read-only for non-root users, /sys for root)."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o500)
+    if not os.access(folder, os.W_OK):
+        return folder / "out"
+    candidate = Path("/sys/rcfast-test-out")
+    try:
+        candidate.mkdir()
+    except OSError:
+        return candidate
+    candidate.rmdir()
+    return None
+
+
+def test_an_unwritable_out_dir_is_refused_before_anything_loads(tmp_path, capsys):
+    out = _unwritable_dir(tmp_path)
+    if out is None:
+        pytest.skip("no unwritable folder here (running as root on a writable /sys?)")
+    config = tiny_run(tmp_path)
+    config["train"]["out_dir"] = str(out)
+    config["teachers"][0]["checkpoint"] = str(tmp_path / "missing.pt")  # reached only if out_dir passed
+    assert cli.main(["consolidate", "--config", str(write_config(tmp_path / "run.yaml", config))]) == 2
+    error = one_line_error(capsys.readouterr().err)
+    assert f"train.out_dir: cannot write to {out}" in error, error
+    config["train"]["out_dir"] = str(tmp_path / "run.yaml" / "out")  # a path through a file
+    assert cli.main(["consolidate", "--config", str(write_config(tmp_path / "run2.yaml", config))]) == 2
+    assert "train.out_dir: cannot write to" in one_line_error(capsys.readouterr().err)
+
+
+def test_too_little_disk_for_the_checkpoints_is_refused_before_teachers_load(tmp_path, capsys, monkeypatch):
+    import shutil
+    from collections import namedtuple
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    loaded = []
+    monkeypatch.setattr("rcfast.train.consolidator.load_teacher", lambda *a, **k: loaded.append(a))
+    config = tiny_run(tmp_path)
+    assert cli.main(["consolidate", "--config", str(write_config(tmp_path / "run.yaml", config))]) == 2
+    error = one_line_error(capsys.readouterr().err)
+    assert re.search(r"train.out_dir: .*run has 0.0 MiB free, but this run's checkpoints need about", error), error
+    assert loaded == []
+
+
+@pytest.mark.slow
+def test_a_checkpoint_write_that_fails_mid_run_is_a_one_line_error(tmp_path):
+    """A file system that refuses the write (here: a 60 kB file-size limit, EFBIG) after the run started."""
+    import resource
+    import signal
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+
+    config = tiny_run(tmp_path, steps=3, checkpoint_every=1)
+    result = run_cli("consolidate", "--config", str(write_config(tmp_path / "run.yaml", config)),
+                     preexec_fn=limit_file_size)
+    assert result.returncode == 2, result.stdout
+    error = one_line_error(result.stderr)
+    assert "cannot write" in error and "checkpoint_000000001.pt" in error and "File too large" in error, error
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.pt"))  # no torn file under the real name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A missing extra is named in the first second, before any work (issue 9, item 6): `pip install -e .` then
+# `rcfast demo` trained every model for two minutes and died with "No module named 'matplotlib'".
+
+def _without(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter where ``block(*modules)`` makes modules unimportable (not installed)."""
+    prelude = ("import importlib.abc, sys\nBLOCKED = set()\n"
+               "class Blocker(importlib.abc.MetaPathFinder):\n"
+               "    def find_spec(self, name, path, target=None):\n"
+               "        if name.split('.')[0] in BLOCKED:\n"
+               "            raise ModuleNotFoundError(f'No module named {name!r} (blocked by the test)', name=name)\n"
+               "sys.meta_path.insert(0, Blocker())\n"
+               "def block(*modules):\n    BLOCKED.clear(); BLOCKED.update(modules)\n")
+    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+
+COMMANDS_WITHOUT_AN_EXTRA = [  # (blocked module, argv, error, extra)
+    ("matplotlib", ["demo", "--quick", "--out", "{tmp}/demo"], "rcfast demo needs matplotlib", "train"),
+    ("yaml", ["consolidate", "--config", "{tmp}/run.yaml"], "rcfast consolidate needs PyYAML", "train"),
+    ("PIL", ["consolidate", "--config", "{tmp}/run.yaml"], "rcfast consolidate needs pillow", "data"),
+    ("sklearn", ["eval", "--checkpoint", "{tmp}/final.pt", "--data", "{tmp}/task"], "rcfast eval needs scikit-learn",
+     "train"),
+]
+
+
+@pytest.mark.slow
+def test_a_command_missing_an_extra_names_it_before_doing_anything(tmp_path):
+    write_config(tmp_path / "run.yaml", tiny_run(tmp_path))
+    calls = [(blocked, [a.format(tmp=tmp_path) for a in argv]) for blocked, argv, _, _ in COMMANDS_WITHOUT_AN_EXTRA]
+    result = _without(
+        "import contextlib, io, json\nfrom rcfast.cli import main\nout = []\n"
+        f"for blocked, argv in {calls!r}:\n"
+        "    block(blocked)\n    err = io.StringIO()\n"
+        "    with contextlib.redirect_stderr(err):\n        status = main(argv)\n"
+        "    out.append([status, err.getvalue()])\n"
+        "print(json.dumps(out))\n")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for (blocked, _, message, extra), (status, stderr) in zip(COMMANDS_WITHOUT_AN_EXTRA, json.loads(result.stdout)):
+        assert status == 2, (blocked, stderr)
+        error = one_line_error(stderr)
+        assert error.startswith(f"rcfast: error: {message}") and f"pip install 'rcfast[{extra}]'" in error, error
+    # nothing was started: no demo folder, no run folder
+    assert not (tmp_path / "demo").exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_importing_a_subpackage_without_its_extra_names_the_extra():
+    cases = [("rcfast.train", "tqdm", "train"), ("rcfast.data", "PIL", "data"), ("rcfast.eval", "sklearn", "train")]
+    result = _without(
+        "import importlib\n"
+        f"for package, blocked, _ in {cases!r}:\n"
+        "    block(blocked)\n"
+        "    try:\n        importlib.import_module(package)\n"
+        "    except ImportError as exc:\n        print(type(exc).__name__, exc)\n"
+        "    else:\n        print('imported', package)\n")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3, result.stdout
+    for line, (package, _, extra) in zip(lines, cases):
+        assert line.startswith(f"MissingExtraError {package} needs") and f"pip install 'rcfast[{extra}]'" in line

@@ -192,7 +192,8 @@ def test_forked_workers_never_finalise_an_inherited_dali_pipeline(tmp_path, imag
 # The caller's process before and after constructing, iterating and closing a
 # dataset: everything a library could change behind its back.
 PROCESS_STATE = """
-import gc, json, multiprocessing, multiprocessing.forkserver as forkserver, os, random, sys, threading, warnings
+import gc, json, multiprocessing, multiprocessing.forkserver as forkserver, os, random, sys, threading, time
+import warnings
 import numpy as np, torch
 from rcfast.data import ProxyImages
 
@@ -242,8 +243,15 @@ gc.collect()
 before = state()
 ds = use(kwargs)
 after_close = state()
+# Every thread close() stopped is joined, so Python's view is exact at once; the
+# kernel removes a joined thread's task a moment after join() returns (CPython
+# releases the join lock just before the thread's last instructions), so only
+# the OS count gets a short while to settle.
+deadline = time.monotonic() + 2
+while after_close["os_threads"] != before["os_threads"] and time.monotonic() < deadline:
+    time.sleep(0.01)
+    after_close["os_threads"] = len(os.listdir("/proc/self/task"))
 del ds  # freed by reference counting: its finalizer asks the threads to stop, without waiting
-import time
 deadline = time.monotonic() + 10
 while (after := state()) != before and time.monotonic() < deadline:
     time.sleep(0.05)
@@ -271,6 +279,24 @@ def test_the_callers_process_is_left_as_it_was_found(tmp_path, image_folder, kwa
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["diff_at_close"] == {}, report["diff_at_close"]  # close() releases everything
     assert report["diff"] == {}, report["diff"]
+
+
+def test_pil_close_returns_after_its_queue_feeder_threads_end(image_folder):
+    """Regression (CI: one more OS thread after close): DataLoader's shutdown closes its index queues
+    but cancels the join of their feeder threads, which then ended a moment after close() returned."""
+    import threading
+
+    from rcfast.data import ProxyImages
+
+    ds = ProxyImages(image_folder, image_size=16, batch_size=4, backend="pil", num_threads=2)
+    assert sum(len(b) for b in ds) == 12
+    iterator = ds._runner._loader._iterator
+    feeders = [q._thread for q in iterator._index_queues if q._thread is not None]
+    assert len(feeders) == 2 and all(t.is_alive() for t in feeders)
+    ds.close()
+    assert [t.name for t in feeders if t.is_alive()] == []
+    assert [t.name for t in threading.enumerate() if t in feeders] == []
+    assert all(not w.is_alive() for w in iterator._workers)
 
 
 def test_dali_finishing_threads_limit_only_their_own_openmp_team(image_folder):

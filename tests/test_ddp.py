@@ -103,3 +103,46 @@ def test_two_process_gloo_run_matches_single_process(tmp_path, variant):
             assert a["terms"]["regression_probe"] == pytest.approx(b["terms"]["regression_probe"], rel=1e-4)
         else:
             assert a["loss"] == pytest.approx(b["loss"], abs=kd_loss_tolerance())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["exit", "hang"])
+def test_a_stopped_rank_is_a_clear_error_within_the_timeout(tmp_path, how):
+    """A rank that leaves or hangs used to freeze the others for gloo's default 30 minutes (issue 8, item 17)."""
+    timeout_s = 4
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(SCRIPT), "--out", str(tmp_path / "ddp"), "--batch-size", "4", "--steps", "50",
+                          "--checkpoint-every", "0", "--norm", "group", "--stop-rank", "1", "--stop-after", "2",
+                          "--stop-how", how, "--dist-timeout", str(timeout_s)],
+                         env=_env(), capture_output=True, text=True, timeout=240)
+    assert ddp.returncode != 0
+    assert "rank 1 stops after step 2" in ddp.stdout
+    assert "DistributedError: rank 0: a collective operation failed at step 3" in ddp.stderr, ddp.stderr[-4000:]
+    assert f"did not answer within train.dist_timeout_s={timeout_s} s" in ddp.stderr
+    if how == "hang":
+        assert "Timed out" in ddp.stderr  # gloo's own words for the timeout, kept in the message
+    assert not (tmp_path / "ddp" / "final.pt").exists()
+
+
+def test_the_timeout_reaches_init_process_group_and_peer_failures_are_recognised(monkeypatch):
+    import datetime
+
+    from rcfast.train.distributed import is_collective_failure, setup_distributed
+    seen = {}
+    monkeypatch.setattr(dist, "is_initialized", lambda: bool(seen))
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    for var, value in {"WORLD_SIZE": "2", "LOCAL_RANK": "1", "RANK": "1"}.items():
+        monkeypatch.setenv(var, value)
+    ctx = setup_distributed("cpu", "gloo", timeout_s=7.5)
+    assert seen["timeout"] == datetime.timedelta(seconds=7.5) and seen["backend"] == "gloo"
+    assert (ctx.rank, ctx.world_size) == (1, 2)
+    seen.clear()
+    for bad in (0, -1, float("inf"), float("nan"), True):
+        with pytest.raises(ValueError, match="train.dist_timeout_s"):
+            setup_distributed("cpu", "gloo", timeout_s=bad)
+    assert is_collective_failure(RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer"))
+    assert is_collective_failure(RuntimeError("[../unbound_buffer.cc:78] Timed out waiting 3000ms for recv operation"))
+    assert not is_collective_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x6)"))
+    assert not is_collective_failure(ValueError("gloo"))

@@ -101,6 +101,7 @@ def test_small_cnn_features(norm):
     assert net(torch.randn(3, 3, 32, 32)).shape == (3, 32)
 
 
+@pytest.mark.slow
 def test_resnet18_backbone_shape_and_depth():
     net = resnet18_backbone(num_channels=1, width=8)
     assert isinstance(net, ResNetBackbone) and net.feature_dim == 64

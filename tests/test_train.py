@@ -14,7 +14,8 @@ from helpers import TensorProxy, toy_images
 from rcfast.models import build_classifier, build_student
 from rcfast.train import Consolidator, OnlineTeachers, OptimConfig, TrainConfig, atomic_save, read_metrics
 from rcfast.train.teachers import TeacherRequest
-from rcfast.train.checkpoint import capture_rng_state, latest_checkpoint, restore_rng_state
+from rcfast.train.checkpoint import capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng_state
+from rcfast.train.errors import DivergenceError
 from rcfast.train.optim import build_optimizer, warmup_cosine
 
 
@@ -36,8 +37,9 @@ def _distiller(tmp_path, steps: int = 4, precision: str = "fp32", lr: float = 3e
     images, _ = toy_images(48, 6, image_size=16, seed=1)
     torch.manual_seed(0)
     student = build_student("small_cnn", {"task": 3, "generalist": 6}, width=4)
+    train_kwargs.setdefault("log_every", 1)
     train = TrainConfig(max_steps=steps, out_dir=str(tmp_path / "run"), resume="none", progress=False,
-                        log_every=1, precision=precision, **train_kwargs)
+                        precision=precision, **train_kwargs)
     objective = [{"term": "multihead_kd", "temperature": {"task": 2.0, "generalist": 4.0}}]
     teachers = _teachers()
     if teacher_source:  # what from_config passes: a TeacherSource with the configured class counts
@@ -217,3 +219,104 @@ def test_a_dataset_sharded_for_another_rank_is_rejected(tmp_path):
         Consolidator(build_student("small_cnn", {"task": 3, "generalist": 6}, width=4),
                      [{"term": "multihead_kd"}], TensorProxy(images, batch_size=4), teachers=_teachers(),
                      train=TrainConfig(out_dir=str(tmp_path)), dist_context=DistContext(rank=1, world_size=2))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Divergence: nothing non-finite is ever written; the run stops with the last good checkpoint kept (item 14).
+
+def _poison(step: int, how: str):
+    """A callback that makes the run diverge after ``step``: an infinite LR, or NaN in a weight."""
+    def callback(trainer: Consolidator) -> None:
+        if trainer.step != step:
+            return
+        if how == "lr":
+            for group in trainer.optimizer.param_groups:
+                group["lr"] = float("inf")
+        else:
+            with torch.no_grad():
+                trainer.student.heads.weight[0, 0] = float("nan")
+    return callback
+
+
+@pytest.mark.parametrize("how,first_bad", [("lr", None), ("nan-weight", 6)])
+def test_divergence_writes_nothing_non_finite_and_keeps_the_last_good_checkpoint(tmp_path, how, first_bad):
+    """The original failure: with log_every=8, checkpoint_every=2 an infinite LR for one step exited 0 with every
+    kept checkpoint and final.pt full of NaN weights."""
+    trainer = _distiller(tmp_path, steps=10, log_every=8, checkpoint_every=2, keep_checkpoints=10)
+    trainer.add_callback(_poison(5 if how == "nan-weight" else 3, how))
+    with pytest.raises(DivergenceError) as info:
+        trainer.fit()
+    message = str(info.value)
+    run = tmp_path / "run"
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir())
+    good = ["checkpoint_000000002.pt"] + (["checkpoint_000000004.pt"] if how == "nan-weight" else [])
+    assert kept == good  # the step-4 (lr) or step-6 (NaN) checkpoint was never written
+    assert not (run / "final.pt").exists()
+    assert f"the last good checkpoint is {run / 'checkpoints' / good[-1]}" in message
+    assert "weight/optimiser tensors hold NaN or inf" in message and "--allow-config-change" in message
+    if first_bad:
+        assert f"the loss was not finite at step {first_bad}" in message
+    for name in kept:
+        state = load_checkpoint(run / "checkpoints" / name)
+        assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    assert not (run / "metrics.jsonl").exists()  # step 8 was never reached and logged
+
+
+def test_a_non_finite_loss_between_logging_steps_is_reported_at_the_next_log(tmp_path):
+    trainer = _distiller(tmp_path, steps=6, log_every=3)
+    trainer.add_callback(_poison(1, "nan-weight"))  # the loss of step 2 is NaN
+    with pytest.raises(DivergenceError,
+                       match=r"the loss was not finite at step 2.*before writing the metrics of step 3"):
+        trainer.fit()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # a NaN record is not written either
+
+
+def test_the_finite_flag_is_kept_on_the_device_and_costs_no_host_read(tmp_path, monkeypatch):
+    trainer = _distiller(tmp_path, steps=4, log_every=100)
+    trainer.train_step()
+    reads = []
+    for method in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+        def counted(self, *args, _name=method, _original=getattr(torch.Tensor, method), **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    trainer._note_loss(torch.tensor(1.5))
+    trainer._note_loss(torch.tensor(float("inf")))  # step 1 still: the first non-finite step is the one remembered
+    trainer.step = 2
+    trainer._note_loss(torch.tensor(float("nan")))
+    assert reads == []  # no value crossed to the host
+    monkeypatch.undo()
+    assert trainer._first_nonfinite.device == trainer.device and int(trainer._first_nonfinite) == 1
+
+
+@pytest.mark.gpu
+def test_no_host_sync_per_step_on_a_gpu(tmp_path):
+    """Tracking divergence adds no host synchronisation to a training step (checked on logging/checkpoint steps)."""
+    images, _ = toy_images(32, 6, image_size=16, seed=1)
+
+    class OnDevice(TensorProxy):
+        """Batches already on the GPU, yielded in order (no index transfer per batch)."""
+
+        def __iter__(self):
+            for start in range(self.consumed * self.batch_size, len(self) * self.batch_size, self.batch_size):
+                self.consumed += 1
+                yield self.images[start:start + self.batch_size]
+
+    torch.manual_seed(0)
+    student = build_student("small_cnn", {"task": 3, "generalist": 6}, width=4)
+    trainer = Consolidator(student, [{"term": "multihead_kd"}], OnDevice(images.cuda(), batch_size=8),
+                           teachers=_teachers(), optim=OptimConfig(lr=1e-3, clip_grad_norm=1.0),
+                           # the reference loss: this test is about the loop, not a kernel's launch path
+                           train=TrainConfig(max_steps=8, out_dir=str(tmp_path / "run"), device="cuda",
+                                             progress=False, loss_backend="reference"))
+    trainer.train_step()  # the first step initialises cuBLAS, the fused optimiser's state...
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        trainer._note_loss(torch.full((), float("nan"), device="cuda"))
+        for _ in range(2):
+            trainer.train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    with pytest.raises(DivergenceError, match="the loss was not finite at step 1"):
+        trainer.check_finite("a test checkpoint")

@@ -13,6 +13,7 @@ conftest.py), so shapes stay small.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -31,46 +32,30 @@ if unavailable_reason("triton") is not None:
 
 from rcfast.ops import triton_backend  # noqa: E402  (after the availability check)
 
+from helpers.kd_compare import REDUCTIONS, loss_and_grad  # noqa: E402
+from helpers.kd_compare import assert_compiled_matches_eager  # noqa: E402
+from helpers.kd_compare import assert_matches_reference as _assert_matches_reference  # noqa: E402
+from helpers.kd_compare import make_logits as _make_logits  # noqa: E402
+
 kd_loss = triton_backend.kd_loss
+# Without a GPU every test here runs the kernels in Triton's interpreter; on a GPU
+# machine they run the compiled kernels on CUDA tensors, and `pytest -m gpu` selects them.
+pytestmark = [pytest.mark.interpreter] if triton_backend.kernels_are_interpreted() else [pytest.mark.gpu]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-REDUCTIONS = ["batchmean", "sum", "mean", "none"]
-# (loss rtol, loss atol, grad rtol, grad atol), as in the shared matrix.
-TOLERANCES = {
-    torch.float32: (2e-5, 1e-5, 2e-5, 1e-6),
-    torch.float16: (2e-5, 1e-5, 2e-3, 2e-6),
-    torch.bfloat16: (2e-5, 1e-5, 1.6e-2, 1e-5),
-}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def make_logits(batch, head_sizes, dtype, seed=0, scale=3.0, ramp=0.0):
-    """Random logits; ``ramp`` adds an increasing trend so the running max moves at every tile."""
-    g = torch.Generator().manual_seed(seed)
-    n = sum(head_sizes)
-    trend = torch.linspace(0.0, ramp, n)
-    student = torch.randn(batch, n, generator=g) * scale + trend
-    teacher = torch.randn(batch, n, generator=g) * scale + trend
-    return student.to(dtype).to(DEVICE), teacher.to(dtype).to(DEVICE)
-
-
-def loss_and_grad(backend, student, teacher, upstream=None, **kwargs):
-    student = student.detach().clone().requires_grad_(True)
-    loss = rcfast.multihead_kd_loss(student, teacher, backend=backend, **kwargs)
-    loss.backward(torch.ones_like(loss) if upstream is None else upstream)
-    return loss.detach(), student.grad
+def make_logits(*args, **kwargs):
+    """Random logits on the Triton backend's device (see helpers.kd_compare.make_logits)."""
+    return _make_logits(*args, device=DEVICE, **kwargs)
 
 
 def assert_matches_reference(student, teacher, upstream=None, **kwargs):
-    loss, grad = loss_and_grad("triton", student, teacher, upstream, **kwargs)
-    ref_loss, ref_grad = loss_and_grad("reference", student, teacher, upstream, **kwargs)
-    loss_rtol, loss_atol, grad_rtol, grad_atol = TOLERANCES[student.dtype]
-    assert loss.dtype == torch.float32 and grad.dtype == student.dtype
-    torch.testing.assert_close(loss, ref_loss, rtol=loss_rtol, atol=loss_atol)
-    torch.testing.assert_close(grad, ref_grad, rtol=grad_rtol, atol=grad_atol)
-    return loss, grad
+    return _assert_matches_reference("triton", student, teacher, upstream, **kwargs)
 
 
 def op_args(student, teacher, head_sizes, temperatures, weights, reduction, compute_grad):
+    """The op's arguments (tables on the device, the reduction's code)."""
     offsets = [0]
     for c in head_sizes:
         offsets.append(offsets[-1] + c)
@@ -103,23 +88,32 @@ def launches(monkeypatch):
 
 
 @pytest.fixture
-def force_split(monkeypatch):
-    """Make the split path kick in for small shapes: any head >= 2 tiles of 64 splits."""
-    def apply(min_cols_per_split=64, target_programs=64, max_splits=64):
-        monkeypatch.setattr(kd_loss, "SPLIT_POLICY", kd_loss.SplitPolicy(
-            min_cols_per_split=min_cols_per_split, max_splits=max_splits, target_programs=target_programs))
-        # Small tiles too, so that a chunk spans several tiles.
-        monkeypatch.setattr(kd_loss, "MAX_BLOCK", 64)
-    return apply
+def small_tiles():
+    """64-wide tiles for calls through the public API (kd_loss.launch_settings), so that
+    small heads span several tiles: prologues, vector bodies and tails all run."""
+    with kd_loss.launch_settings(max_block=64):
+        yield
+
+
+@pytest.fixture
+def force_split():
+    """``force_split()`` makes the split path kick in for small shapes, through the
+    public API: any head >= 2 tiles of 64 splits (kd_loss.launch_settings)."""
+    with contextlib.ExitStack() as stack:
+        def apply(min_cols_per_split=64, target_programs=64, max_splits=64):
+            policy = kd_loss.SplitPolicy(min_cols_per_split=min_cols_per_split, max_splits=max_splits,
+                                         target_programs=target_programs)
+            # Small tiles too, so that a chunk spans several tiles.
+            stack.enter_context(kd_loss.launch_settings(policy=policy, max_block=64))
+        yield apply
 
 
 # ---- tiles, heads, launches ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_head_wider_than_one_block_with_moving_max(monkeypatch, launches, dtype):
+def test_head_wider_than_one_block_with_moving_max(small_tiles, launches, dtype):
     # 64-wide tiles over a 1000-class head: 15 vector-body tiles, a masked tail, and a
     # max that grows at every tile (ramp), so every rescaling step is exercised.
-    monkeypatch.setattr(kd_loss, "MAX_BLOCK", 64)
     student, teacher = make_logits(3, (1000,), dtype, seed=1, ramp=40.0)
     assert_matches_reference(student, teacher, temperature=1.5)
     assert [(name, consts["BLOCK"]) for name, _, consts in launches] == [("_kd_fused_kernel", 64)]
@@ -143,10 +137,9 @@ def test_heads_of_different_widths_in_one_launch(launches, dtype):
     assert [(name, grid) for name, grid, _ in launches] == [("_kd_fused_kernel", (5, len(head_sizes)))]
 
 
-def test_rows_and_heads_start_unaligned(monkeypatch):
+def test_rows_and_heads_start_unaligned(small_tiles):
     # N = 1693 (odd) and heads starting at odd columns: every row and head starts at a
     # different offset modulo the 16-element alignment, so prologues of every length run.
-    monkeypatch.setattr(kd_loss, "MAX_BLOCK", 64)
     head_sizes = (1000, 196, 100, 397)
     student, teacher = make_logits(3, head_sizes, torch.bfloat16, seed=4)
     assert_matches_reference(student, teacher, splits=list(head_sizes), temperature=[4.0, 2.0, 1.0, 3.0])
@@ -186,9 +179,11 @@ def test_split_path_matches_reference(force_split, launches, dtype, reduction):
     assert config.num_splits > 1
     assert_matches_reference(student, teacher, splits=list(head_sizes), temperature=[2.0, 1.0, 4.0],
                              weights=[1.0, 2.0, 0.5], reduction=reduction)
-    names = [name for name, _, _ in launches]
-    assert names == ["_kd_partial_stats_kernel", "_kd_split_grad_kernel"]
-    assert all(grid == (2, 3, config.num_splits) for _, grid, _ in launches)
+    assert [(name, grid) for name, grid, _ in launches] == [
+        ("_kd_partial_stats_kernel", (2, 3, config.num_splits)),  # per (row, head, chunk)
+        ("_kd_merge_kernel", (2, 3)),                              # per (row, head)
+        ("_kd_split_grad_kernel", (2, 3, config.num_splits)),
+    ]
 
 
 def test_split_path_equals_fused_path(force_split):
@@ -227,8 +222,7 @@ def test_split_path_degenerate_inputs(force_split):
 # ---- -inf / NaN on the fused path, at tile boundaries ------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_masks_across_tiles(monkeypatch, dtype):
-    monkeypatch.setattr(kd_loss, "MAX_BLOCK", 64)
+def test_masks_across_tiles(small_tiles, dtype):
     student, teacher = make_logits(5, (3, 333), dtype, seed=10, ramp=8.0)
     teacher[0, 3:70] = float("-inf")  # a prologue and a whole body tile without mass
     student[0, 3:70] = float("-inf")
@@ -245,8 +239,7 @@ def test_masks_across_tiles(monkeypatch, dtype):
     assert inf_loss[0] == float("inf") and torch.isfinite(inf_grad.float()).all()
 
 
-def test_student_head_all_minus_inf(monkeypatch):
-    monkeypatch.setattr(kd_loss, "MAX_BLOCK", 64)
+def test_student_head_all_minus_inf(small_tiles):
     student, teacher = make_logits(2, (150, 9), torch.float32, seed=11)
     student[0, :150] = float("-inf")
     loss, grad = loss_and_grad("triton", student, teacher, splits=[150, 9], reduction="none", temperature=2.0)
@@ -257,8 +250,7 @@ def test_student_head_all_minus_inf(monkeypatch):
 
 @pytest.mark.parametrize("where", ["student", "teacher"])
 @pytest.mark.parametrize("column", [0, 70, 140])  # prologue/body/tail of 64-wide tiles at row offset 150
-def test_nan_in_every_segment(monkeypatch, where, column):
-    monkeypatch.setattr(kd_loss, "MAX_BLOCK", 64)
+def test_nan_in_every_segment(small_tiles, where, column):
     student, teacher = make_logits(3, (150,), torch.float32, seed=12)
     (student if where == "student" else teacher)[1, column] = float("nan")
     loss, _ = loss_and_grad("triton", student, teacher, reduction="none")
@@ -272,6 +264,28 @@ def test_nan_in_every_segment(monkeypatch, where, column):
 ])
 def test_block_and_warps(width, block, warps):
     assert kd_loss.block_and_warps(width) == (block, warps)
+
+
+def test_launch_settings_are_scoped():
+    """launch_settings changes the defaults inside its block only (no module global is set)."""
+    before = kd_loss.launch_config(2, 100_000, 1, torch.device("cpu"))
+    with kd_loss.launch_settings(policy=kd_loss.SplitPolicy(target_programs=64), max_block=64):
+        inside = kd_loss.launch_config(2, 100_000, 1, torch.device("cpu"))
+    after = kd_loss.launch_config(2, 100_000, 1, torch.device("cpu"))
+    assert inside.block == 64 and inside.num_splits > 1
+    assert before == after == kd_loss.LaunchConfig(block=kd_loss.MAX_BLOCK, num_warps=8, num_splits=1)
+
+
+def test_explicit_launch_config_matches_default():
+    """kd_head_losses takes a LaunchConfig: every split count and tile gives the same
+    losses and gradient as the default launch."""
+    student, teacher = make_logits(2, (500, 9), torch.float32, seed=17, ramp=30.0)
+    args = op_args(student, teacher, (500, 9), [2.0, 0.5], [1.0, 3.0], "none", True)[:5]
+    expected_losses, expected_grad = kd_loss.kd_head_losses(*args, 0.25, True)
+    for config in (kd_loss.LaunchConfig(64, 1, 1), kd_loss.LaunchConfig(64, 1, 3), kd_loss.LaunchConfig(128, 1, 8)):
+        losses, grad = kd_loss.kd_head_losses(*args, 0.25, True, config=config)
+        torch.testing.assert_close(losses, expected_losses, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-7)
 
 
 def test_launch_config_bounds_the_widest_head_from_shapes():
@@ -331,7 +345,7 @@ def test_no_host_synchronisation(force_split, split):
     args = op_args(student, teacher, (300, 20), [2.0, 1.0], [1.0, 1.0], "batchmean", True)
     recorder = _SyncRecorder()
     with recorder:
-        kd_loss.kd_head_losses(*args)
+        kd_loss.kd_head_losses(*args[:5], 0.5, True)
     assert recorder.syncs == []
 
 
@@ -367,15 +381,7 @@ def test_torch_compile_fullgraph(compile_backend):
         return rcfast.multihead_kd_loss(s, t, splits=[7, 30], temperature=[2.0, 4.0], backend="triton") * 2.0
 
     torch._dynamo.reset()
-    compiled = torch.compile(step, backend=compile_backend, fullgraph=True)
-    s_eager = student.clone().requires_grad_(True)
-    s_compiled = student.clone().requires_grad_(True)
-    eager_loss = step(s_eager, teacher)
-    compiled_loss = compiled(s_compiled, teacher)
-    eager_loss.backward()
-    compiled_loss.backward()
-    torch.testing.assert_close(compiled_loss, eager_loss)
-    torch.testing.assert_close(s_compiled.grad, s_eager.grad)
+    assert_compiled_matches_eager(step, student, teacher, backend=compile_backend)
 
 
 @pytest.mark.parametrize("case", ["fused-bf16-none", "fused-fp32-batchmean-nograd", "split-fp32-mean"])
@@ -405,7 +411,7 @@ def test_gpu_path_decomposes_into_triton_kernels():
         assert not tb.kernels_are_interpreted()
         found = torch._library.triton.get_triton_kernels_for_op(tb.QUALNAME)
         assert {k.fn.__name__ for k in found} == {
-            "_kd_fused_kernel", "_kd_partial_stats_kernel", "_kd_split_grad_kernel"}, found
+            "_kd_fused_kernel", "_kd_partial_stats_kernel", "_kd_merge_kernel", "_kd_split_grad_kernel"}, found
 
         class Captured(Exception):
             pass
@@ -421,15 +427,15 @@ def test_gpu_path_decomposes_into_triton_kernels():
         args = (torch.randn(3, 37), torch.randn(3, 37), torch.tensor([0, 7, 37]),
                 torch.tensor([2.0, 4.0]), torch.ones(2))
         for policy in (kd_loss.SplitPolicy(), kd_loss.SplitPolicy(min_cols_per_split=8, target_programs=64)):
-            kd_loss.SPLIT_POLICY = policy
-            try:
-                aot_function(loss, fw_compiler=capture)(*args)
-            except Captured:
-                pass
+            with kd_loss.launch_settings(policy=policy):
+                try:
+                    aot_function(loss, fw_compiler=capture)(*args)
+                except Captured:
+                    pass
         fused, split = graphs
         assert fused.count("triton_kernel_wrapper_functional(") == 1, fused
         assert "kernel_idx" in fused and "aten.sum" in fused, fused
-        assert split.count("triton_kernel_wrapper_functional(") == 2, split
+        assert split.count("triton_kernel_wrapper_functional(") == 3, split
         print("ok")
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -7,9 +7,8 @@
 // The schemas are defined in csrc/bindings.cpp (one TORCH_LIBRARY block);
 // the contract (inputs, outputs, scaling) is rcfast/ops/kernel_contract.py.
 //
-// Exp accuracy and speed: see kd_vexp2 in kd_cpu_kernel_impl.h (an inline
-// base-2 exp, 1.7e-7 relative error; build with -DRCFAST_KD_SLEEF_EXP to use
-// Sleef's instead).
+// Exp accuracy and speed: see csrc/cpu/kd_vec_exp.h (an inline base-2 exp,
+// 1.7e-7 relative error).
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -100,8 +99,9 @@ std::tuple<at::Tensor, at::Tensor> multihead_kd_fwd_cpu(const at::Tensor& studen
   const int64_t batch = student.size(0);
   const int64_t total_classes = student.size(1);
   TORCH_CHECK(batch > 0, kOp, "batch size must be > 0");
-  TORCH_CHECK(reduction >= 0 && reduction <= 3, kOp,
+  TORCH_CHECK(kd::kd_is_reduction(reduction), kOp,
               "reduction must be 0 (none), 1 (sum), 2 (mean) or 3 (batchmean), got ", reduction);
+  const auto reduction_kind = static_cast<kd::KDReduction>(reduction);
 
   TORCH_CHECK(head_offsets.dim() == 1 && head_offsets.scalar_type() == at::kLong, kOp,
               "head_offsets must be a 1-D int64 tensor [H + 1], got ", head_offsets.scalar_type(), " with ",
@@ -138,16 +138,14 @@ std::tuple<at::Tensor, at::Tensor> multihead_kd_fwd_cpu(const at::Tensor& studen
   const at::Tensor student_c = student.contiguous();
   const at::Tensor teacher_c = teacher.contiguous();
   const auto loss_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor loss = reduction == 0 ? at::empty({batch}, student.options().dtype(loss_dtype))
-                                   : at::empty({}, student.options().dtype(loss_dtype));
+  at::Tensor loss = reduction_kind == kd::KDReduction::kNone ? at::empty({batch}, student.options().dtype(loss_dtype))
+                                                              : at::empty({}, student.options().dtype(loss_dtype));
   at::Tensor grad = compute_grad ? at::empty({batch, total_classes}, student_c.options())
                                  : at::empty({0}, student.options());
   if (compute_grad) advise_huge_pages(grad);
 
-  const double grad_scale = kd::kd_reduction_scale(reduction, batch, num_heads);
-
   const KDCpuArgs args{student_c, teacher_c, offsets, taus, head_weights, num_heads,
-                       reduction, grad_scale, compute_grad, loss, grad};
+                       reduction_kind, compute_grad, loss, grad};
   switch (chosen_path()) {
 #if defined(RCFAST_HAVE_CPU_AVX512)
     case KDCpuPath::kAvx512:

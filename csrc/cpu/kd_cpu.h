@@ -1,6 +1,6 @@
 // kd_cpu.h — the interface between the CPU op (kd_cpu.cpp: checks, outputs,
 // runtime choice of the vector path) and the kernel body
-// (kd_cpu_kernel_impl.h), which build_ext.py compiles once per CPU capability
+// (kd_cpu_driver.h), which build_ext.py compiles once per CPU capability
 // (DEFAULT, AVX2, AVX512) with that capability's flags, each copy in its own
 // namespace rcfast::cpu::<CAPABILITY> — the way ATen's DispatchStub kernels
 // are built. Nothing here depends on a capability, so every object can include
@@ -10,6 +10,8 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+
+#include "../kd_math.h"
 
 namespace rcfast {
 namespace cpu {
@@ -26,8 +28,7 @@ struct KDCpuArgs {
   const float* temperatures;
   const float* weights;
   int64_t num_heads;
-  int64_t reduction;   // kernel_contract.REDUCTION_CODES: none 0, sum 1, mean 2, batchmean 3
-  double grad_scale;   // the reduction's scale folded into the gradient (1 for none)
+  kd::KDReduction reduction;  // also gives the scale folded into the gradient
   bool compute_grad;
   at::Tensor loss;     // output
   at::Tensor grad;     // output (written only when compute_grad)

@@ -59,7 +59,8 @@ std::tuple<at::Tensor, at::Tensor> multihead_kd_fwd_cuda(const at::Tensor& stude
               kOp, "temperatures must be float32 [H]");
   TORCH_CHECK(weights.dim() == 1 && weights.size(0) == num_heads && weights.scalar_type() == at::kFloat, kOp,
               "weights must be float32 [H]");
-  TORCH_CHECK(reduction >= 0 && reduction <= 3, kOp, "reduction must be 0..3, got ", reduction);
+  TORCH_CHECK(kd::kd_is_reduction(reduction), kOp, "reduction must be 0..3, got ", reduction);
+  const auto reduction_kind = static_cast<kd::KDReduction>(reduction);
   const int64_t batch = student.size(0);
   TORCH_CHECK(batch > 0, kOp, "batch size must be > 0");
 
@@ -70,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> multihead_kd_fwd_cuda(const at::Tensor& stude
   const at::Tensor temperatures_c = temperatures.contiguous();
   const at::Tensor weights_c = weights.contiguous();
 
-  const double grad_scale = kd::kd_reduction_scale(reduction, batch, num_heads);
+  const double grad_scale = kd::kd_reduction_scale(reduction_kind, batch, num_heads);
 
   at::Tensor head_loss = at::empty({batch, num_heads}, student.options().dtype(at::kFloat));
   at::Tensor grad = compute_grad ? at::empty_like(student_c) : at::empty({0}, student.options());
@@ -92,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor> multihead_kd_fwd_cuda(const at::Tensor& stude
 
   // Per-row sums in a fixed order (deterministic), then the reduction's scale.
   at::Tensor rows = at::sum(head_loss, {1});
-  at::Tensor loss = reduction == 0 ? rows : at::sum(rows).mul_(grad_scale);
+  at::Tensor loss = reduction_kind == kd::KDReduction::kNone ? rows : at::sum(rows).mul_(grad_scale);
   return {loss, grad};
 }
 

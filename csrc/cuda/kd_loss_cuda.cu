@@ -2,10 +2,11 @@
 //
 // DESIGN.md's algorithm, one thread block per (row, head):
 //   pass 1  every thread walks the head's classes with a block-stride loop
-//           (coalesced loads) keeping an online (max, sum-exp) state for s/tau
-//           and t/tau and the teacher-weighted A term; the states are merged
-//           across the warp with shuffles, then across warps through shared
-//           memory; thread 0 writes the head's loss.
+//           (coalesced loads) keeping an online state (kd_math.h: running
+//           max and sum of exps of student and teacher, and the
+//           teacher-weighted gap A); the states are merged across the warp
+//           with shuffles, then across warps through shared memory; thread 0
+//           writes the head's loss.
 //   pass 2  (only when a gradient buffer is given) the same loop writes
 //           grad_scale * w * tau * (softmax(s/tau) - softmax(t/tau)).
 // The row/head math is csrc/kd_math.h, shared with the CPU kernel, so both
@@ -20,7 +21,7 @@ namespace rcfast {
 namespace cuda {
 namespace {
 
-using kd::KDSoftmaxState;
+using kd::KDHeadState;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -38,32 +39,28 @@ __device__ __forceinline__ __half from_float<__half>(float x) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
-// The per-thread (and, after merging, per-block) partial result of pass 1.
-struct PartialKD {
-  KDSoftmaxState<float> student;
-  KDSoftmaxState<float> teacher;
-  float a_term;  // shares the teacher's max
-};
-
-__device__ __forceinline__ void merge_into(PartialKD& into, const PartialKD& other) {
-  float no_extra = 0.0f;
-  kd::kd_merge_states(into.student, no_extra, other.student, 0.0f);
-  kd::kd_merge_states(into.teacher, into.a_term, other.teacher, other.a_term);
-}
-
-__device__ __forceinline__ PartialKD shuffle_down(const PartialKD& p, int delta) {
-  PartialKD q;
+__device__ __forceinline__ KDHeadState<float> shuffle_down(const KDHeadState<float>& p, int delta) {
+  KDHeadState<float> q;
   q.student.max = __shfl_down_sync(0xffffffffu, p.student.max, delta);
   q.student.sum = __shfl_down_sync(0xffffffffu, p.student.sum, delta);
   q.teacher.max = __shfl_down_sync(0xffffffffu, p.teacher.max, delta);
   q.teacher.sum = __shfl_down_sync(0xffffffffu, p.teacher.sum, delta);
   q.a_term = __shfl_down_sync(0xffffffffu, p.a_term, delta);
+  q.student_inf = __shfl_down_sync(0xffffffffu, p.student_inf, delta);
   return q;
 }
 
-__device__ __forceinline__ void warp_merge(PartialKD& p) {
-  for (int delta = 16; delta > 0; delta >>= 1) merge_into(p, shuffle_down(p, delta));
+__device__ __forceinline__ void warp_merge(KDHeadState<float>& p, float exp_scale) {
+  for (int delta = 16; delta > 0; delta >>= 1) kd::kd_merge(p, shuffle_down(p, delta), exp_scale);
 }
+
+// What pass 2 needs of a head, from thread 0 of the block.
+struct HeadSummary {
+  float base_student, log2_sum_student, base_teacher, log2_sum_teacher;
+  bool student_empty;
+  bool zero_gradient;  // fully masked teacher or weight 0
+  bool nan_gradient;   // NaN in, NaN out
+};
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
@@ -77,62 +74,59 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t begin = head_offsets[head];
   const int64_t end = head_offsets[head + 1];
   const float tau = temperatures[head];
-  const float inv_tau = 1.0f / tau;
   const float weight = weights[head];
+  // Exps in base 2, logits in their own units (kd_math.h).
+  const float exp_scale = static_cast<float>(kd::kLog2e / static_cast<double>(tau));
   const scalar_t* s_row = student + row * num_cols;
   const scalar_t* t_row = teacher + row * num_cols;
 
-  // Pass 1: online softmax states, one element at a time per thread.
-  PartialKD part{kd::kd_softmax_state_init<float>(), kd::kd_softmax_state_init<float>(), 0.0f};
+  // Pass 1: online states, one element at a time per thread.
+  KDHeadState<float> part = kd::kd_head_state_init<float>();
   for (int64_t c = begin + threadIdx.x; c < end; c += kThreads) {
-    const float xs = to_float(s_row[c]) * inv_tau;
-    const float xt = to_float(t_row[c]) * inv_tau;
-    kd::kd_merge_block_max(part.student, xs);
-    part.student.sum += kd::kd_exp(xs - kd::kd_exp_base(part.student.max));
-    const float factor = kd::kd_merge_block_max(part.teacher, xt);
-    part.a_term = kd::kd_rescale_sum(part.a_term, factor);
-    const float et = kd::kd_exp(xt - kd::kd_exp_base(part.teacher.max));
-    part.teacher.sum += et;
-    part.a_term += kd::kd_a_term(et, xt, xs);
+    const float us = to_float(s_row[c]);
+    const float ut = to_float(t_row[c]);
+    kd::kd_rebase(part, us, ut, exp_scale);
+    kd::kd_accumulate(part, us, ut, exp_scale);
   }
 
   // Merge: warp shuffles, then warp leaders through shared memory.
-  __shared__ PartialKD warp_parts[kWarps];
-  __shared__ float shared_lse[2];
-  __shared__ bool shared_teacher_masked;
-  warp_merge(part);
+  __shared__ KDHeadState<float> warp_parts[kWarps];
+  __shared__ HeadSummary summary;
+  warp_merge(part, exp_scale);
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   if (lane == 0) warp_parts[warp] = part;
   __syncthreads();
   if (warp == 0) {
-    part = lane < kWarps ? warp_parts[lane]
-                         : PartialKD{kd::kd_softmax_state_init<float>(), kd::kd_softmax_state_init<float>(), 0.0f};
-    warp_merge(part);
+    part = lane < kWarps ? warp_parts[lane] : kd::kd_head_state_init<float>();
+    warp_merge(part, exp_scale);
     if (lane == 0) {
-      const float kl = kd::kd_finalize_kl(part.student, part.teacher, part.a_term);
-      head_loss[row * num_heads + head] = weight * tau * tau * kl;
-      shared_lse[0] = kd::kd_lse(part.student);
-      shared_lse[1] = kd::kd_lse(part.teacher);
-      shared_teacher_masked = part.teacher.max == kd::kd_neg_inf<float>();
+      const double loss = kd::kd_head_loss(part, static_cast<double>(tau), static_cast<double>(weight));
+      head_loss[row * num_heads + head] = static_cast<float>(loss);
+      summary.base_student = kd::kd_exp_base(part.student.max);
+      summary.log2_sum_student = kd::kd_log2_sum(part.student);
+      summary.base_teacher = kd::kd_exp_base(part.teacher.max);
+      summary.log2_sum_teacher = kd::kd_log2_sum(part.teacher);
+      summary.student_empty = part.student.max == kd::kd_neg_inf<float>();  // its softmax is taken as 0
+      summary.nan_gradient = kd::kd_isnan(loss);
+      summary.zero_gradient = part.teacher.max == kd::kd_neg_inf<float>() || weight == 0.0f;
     }
   }
   if (grad == nullptr) return;  // uniform across the block: no thread waits below
   __syncthreads();
 
-  // Pass 2: the gradient. A fully masked teacher head has no distribution to
-  // match: its gradient is 0 (kd_math.h).
-  const float lse_s = shared_lse[0];
-  const float lse_t = shared_lse[1];
-  const bool teacher_masked = shared_teacher_masked;
+  // Pass 2: the gradient (kd_math.h).
+  const HeadSummary head_summary = summary;
   const float coef = grad_scale * weight * tau;
   scalar_t* g_row = grad + row * num_cols;
   for (int64_t c = begin + threadIdx.x; c < end; c += kThreads) {
     float g = 0.0f;
-    if (!teacher_masked) {
-      const float xs = to_float(s_row[c]) * inv_tau;
-      const float xt = to_float(t_row[c]) * inv_tau;
-      g = kd::kd_grad_element(coef, xs, lse_s, xt, lse_t);
+    if (head_summary.nan_gradient) {
+      g = NAN;
+    } else if (!head_summary.zero_gradient) {
+      g = kd::kd_grad_element(coef, exp_scale, to_float(s_row[c]), head_summary.base_student,
+                              head_summary.log2_sum_student, head_summary.student_empty, to_float(t_row[c]),
+                              head_summary.base_teacher, head_summary.log2_sum_teacher);
     }
     g_row[c] = from_float<scalar_t>(g);
   }

@@ -6,6 +6,11 @@ resumable mid-epoch through `state_dict()` / `load_state_dict()`.
 `demo_dataset(root)` writes the small digits data the training demo uses.
 Importing this package does not import DALI; a DALI-backed `ProxyImages` does.
 """
+from rcfast.extras import require
+
+require("rcfast.data", "numpy", "PIL")  # before anything below imports them
+
+# ruff: noqa: E402
 
 from .demo import demo_dataset
 from .proxy_images import IMAGENET_MEAN, IMAGENET_STD, ProxyImages

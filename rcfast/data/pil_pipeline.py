@@ -178,6 +178,23 @@ def _specs(plan, epoch: int, start: int, stop: int):
                for p, box, win, flip in zip(b.paths, b.boxes.tolist(), b.windows.tolist(), b.flips.tolist())]
 
 
+def _join_feeder_threads(queues, timeout: float = 5.0) -> None:
+    """Wait for the feeder threads of closed multiprocessing queues to end.
+
+    DataLoader's shutdown closes its queues but cancels the join of their
+    feeder threads (a thread writing to a dead worker's full pipe would block
+    forever), so each exits on its own a moment later. Joining them here keeps
+    `close()` from returning while a thread of ours still runs in the caller's
+    process. The feeders only flush a few bytes of indices; the timeout bounds
+    the wait if one is stuck anyway (such a thread is a daemon and never blocks
+    exit).
+    """
+    for q in queues:
+        feeder = getattr(q, "_thread", None)  # started on the queue's first put()
+        if feeder is not None and feeder is not threading.current_thread():
+            feeder.join(timeout)
+
+
 def _stack(samples: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(samples))
 
@@ -244,8 +261,14 @@ class PilBatches:
             yield self._normalize(uint8_nhwc)
 
     def close(self) -> None:
-        """Shut the worker processes down now; a later iteration starts new ones."""
-        self._loader = None  # its persistent iterator's finaliser joins the workers
+        """Shut the worker processes down and wait for them; a later iteration starts new ones."""
+        loader, self._loader = self._loader, None
+        iterator = getattr(loader, "_iterator", None)  # the persistent workers' iterator, if started
+        if iterator is not None:
+            # Explicitly, not through the iterator's finaliser: a suspended
+            # generator elsewhere may still hold the iterator.
+            iterator._shutdown_workers()
+            _join_feeder_threads([*iterator._index_queues, iterator._worker_result_queue])
 
     def _normalize(self, uint8_nhwc: torch.Tensor) -> torch.Tensor:
         x = uint8_nhwc.to(self.device, non_blocking=True)

@@ -1,4 +1,9 @@
 """Transfer evaluation of frozen backbones: features, linear probe, kNN, fine-tune."""
+from rcfast.extras import require
+
+require("rcfast.eval", "numpy", "sklearn", "threadpoolctl")  # before anything below imports them
+
+# ruff: noqa: E402
 from rcfast.eval.accuracy import classifier_accuracy
 from rcfast.eval.features import extract_features
 from rcfast.eval.finetune import finetune_accuracy

@@ -16,11 +16,19 @@ Three things are built from a name:
 
 :func:`classifier_backbone` recovers the feature extractor of a classifier, so
 teachers' representations can be evaluated like students'.
+
+A model name and kwargs read from a file rcfast did not get from its user (a
+config stored inside a checkpoint) are untrusted: third-party builders open
+files and download weights when asked to (timm's ``checkpoint_path``,
+``pretrained_cfg_overlay``, ``pretrained=True`` -- some of them with
+``torch.load(weights_only=False)``, i.e. code execution).
+:func:`untrusted_kwargs_problem` says whether such kwargs are safe to pass on.
 """
 from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 from typing import Callable, Mapping
 
 from torch import nn
@@ -29,10 +37,15 @@ from rcfast.models.backbones import resnet18_backbone, small_cnn
 from rcfast.models.student import MultiHeadStudent
 
 __all__ = ["register_model", "available_models", "build_model", "build_classifier",
-           "build_student", "classifier_backbone"]
+           "build_student", "classifier_backbone", "untrusted_kwargs_problem", "UNTRUSTED_EXTERNAL_KWARGS"]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _EXTERNAL_PREFIXES = ("torchvision:", "timm:")
+UNTRUSTED_EXTERNAL_KWARGS = ("in_chans", "drop_rate", "drop_path_rate", "dropout", "attention_dropout",
+                             "width_per_group", "groups")
+"""The only kwargs a ``torchvision:``/``timm:`` builder receives from an untrusted source (numbers only):
+architecture numbers -- never weights, ``pretrained`` switches, file paths or URLs."""
+_MAX_UNTRUSTED_STRING = 64
 
 
 def register_model(name: str, builder: Callable[..., nn.Module] | None = None):
@@ -55,6 +68,38 @@ def register_model(name: str, builder: Callable[..., nn.Module] | None = None):
 
 register_model("small_cnn", small_cnn)
 register_model("resnet18", resnet18_backbone)
+
+
+def untrusted_kwargs_problem(name, kwargs) -> str | None:
+    """Why model ``name`` must not be built with ``kwargs`` read from an untrusted file, or ``None`` if it may.
+
+    Allowed: a registered rcfast model with keyword arguments its builder
+    declares, each a plain number, boolean or short name (no path separators);
+    a ``torchvision:``/``timm:`` model with only :data:`UNTRUSTED_EXTERNAL_KWARGS`,
+    each a number. Anything else -- unknown keys, nested values, strings that
+    could be paths or URLs, ``pretrained``-style switches -- is refused.
+    """
+    if not isinstance(name, str) or not name:
+        return f"a model name that is not a non-empty string ({name!r})"
+    if not isinstance(kwargs, Mapping):
+        return f"kwargs that are not a mapping ({type(kwargs).__name__})"
+    external = name.startswith(_EXTERNAL_PREFIXES)
+    if not external and name not in _REGISTRY:
+        return f"an unknown model {name!r} (registered: {available_models()}, or torchvision:/timm: names)"
+    accepted = UNTRUSTED_EXTERNAL_KWARGS if external else tuple(
+        p.name for p in inspect.signature(_REGISTRY[name]).parameters.values()
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY))
+    for key, value in kwargs.items():
+        if not isinstance(key, str) or key not in accepted:
+            return f"the keyword {key!r}, which is not passed on from an untrusted file (allowed: {list(accepted)})"
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if number or (not external and isinstance(value, bool)):
+            continue
+        if (not external and isinstance(value, str) and len(value) <= _MAX_UNTRUSTED_STRING and value.isprintable()
+                and not any(c in value for c in "/\\:")):
+            continue
+        return f"{key}={value!r}, not a plain number{'' if external else ', boolean or short name'}"
+    return None
 
 
 def available_models() -> list[str]:

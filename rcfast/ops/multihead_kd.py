@@ -6,6 +6,7 @@ user-facing call into the kernels' packed layout and picks the backend.
 """
 from __future__ import annotations
 
+import functools
 import math
 from numbers import Real
 from typing import Sequence, Union
@@ -13,7 +14,7 @@ from typing import Sequence, Union
 import torch
 
 from rcfast.ops.backends import kernel_op, resolve_backend
-from rcfast.ops.kernel_contract import REDUCTION_CODES
+from rcfast.ops.kernel_contract import REDUCTION_CODES, check_temperature
 from rcfast.ops.reference import reduce_row_losses, reference_row_losses
 
 __all__ = ["multihead_kd_loss"]
@@ -85,22 +86,60 @@ def _as_heads(student: Logits, teacher: Logits, splits):
     return torch.cat(list(student), dim=1), torch.cat(list(teacher), dim=1), head_sizes
 
 
-def _per_head(name: str, value, num_heads: int, default: float, positive: bool) -> tuple[float, ...]:
+def _per_head(name: str, value, num_heads: int, default: float) -> tuple[float, ...]:
+    """One float per head from a scalar, a sequence or ``None`` (the default)."""
     if value is None:
-        values = (default,) * num_heads
-    elif isinstance(value, Real) and not isinstance(value, bool):
-        values = (float(value),) * num_heads
-    elif isinstance(value, torch.Tensor):
+        return (default,) * num_heads
+    if isinstance(value, Real) and not isinstance(value, bool):
+        return (float(value),) * num_heads
+    if isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a float or a list of floats, not a tensor")
-    else:
-        values = tuple(float(v) for v in value)
-        if len(values) != num_heads:
-            raise ValueError(f"{name} needs one value per head ({num_heads}), got {len(values)}")
-    for v in values:
-        if not math.isfinite(v) or (positive and v <= 0):
-            kind = "finite and > 0" if positive else "finite"
-            raise ValueError(f"{name} must be {kind}, got {v}")
+    values = tuple(float(v) for v in value)
+    if len(values) != num_heads:
+        raise ValueError(f"{name} needs one value per head ({num_heads}), got {len(values)}")
     return values
+
+
+def _check_weights(values: tuple[float, ...]) -> None:
+    # Comparisons rather than math.isfinite: they also work on symbolic floats under
+    # torch.compile(dynamic=True) (a guard, not a graph break); NaN fails them.
+    for v in values:
+        if not (-math.inf < v < math.inf):
+            raise ValueError(f"weights must be finite, got {v}")
+
+
+def _head_offsets(head_sizes: tuple[int, ...]) -> list[int]:
+    offsets = [0]
+    for c in head_sizes:
+        offsets.append(offsets[-1] + c)
+    return offsets
+
+
+def _build_head_tables(head_sizes, temperatures, weights, device):
+    # Normal tensors even when the first call runs under torch.inference_mode(): the
+    # cached tables are later saved for backward by training calls, which an
+    # inference tensor cannot be.
+    with torch.inference_mode(False):
+        return (
+            torch.tensor(_head_offsets(head_sizes), dtype=torch.int64, device=device),
+            torch.tensor(temperatures, dtype=torch.float32, device=device),
+            torch.tensor(weights, dtype=torch.float32, device=device),
+        )
+
+
+# The kernels' per-head tables (int64 offsets, float32 temperatures and weights),
+# built once per (splits, temperatures, weights, device) instead of three
+# host-to-device copies per call. A training run uses one or two settings; a few
+# entries bound the memory (three tiny tensors each). The kernels only read them.
+_cached_head_tables = functools.lru_cache(maxsize=8)(_build_head_tables)
+
+
+def _head_tables(head_sizes, temperatures, weights, device):
+    if torch.compiler.is_compiling():
+        # Traced: the tables become graph constants (or, for symbolic floats under
+        # dynamic=True, graph inputs); a Python cache has no place in a graph.
+        return _build_head_tables(head_sizes, temperatures, weights, device)
+    return _cached_head_tables(head_sizes, temperatures, weights, device)
 
 
 def multihead_kd_loss(
@@ -122,7 +161,13 @@ def multihead_kd_loss(
         teacher: same layout as ``student``; treated as a constant target and
             cast to the student's dtype if it has another.
         splits: head sizes ``[C_1, ..., C_H]`` for packed inputs (default: one head).
-        temperature: one float for all heads or one per head, each > 0.
+        temperature: one float for all heads or one per head, each in the
+            supported range ``[1e-6, 100]`` (``MIN_TEMPERATURE``/``MAX_TEMPERATURE``
+            of :mod:`rcfast.ops.kernel_contract`; a ``ValueError`` naming
+            ``temperature`` otherwise). Below 100 every backend's float32 loss
+            stays within the tolerances of docs/kernels.md; above it the loss
+            (a KL of order 1/tau**2 from log-sum-exps of order log C) would lose
+            accuracy as tau**2 * eps.
         weights: one weight per head (default all 1).
         reduction: ``"batchmean"`` (sum / B, like ``kl_div``), ``"sum"``,
             ``"mean"`` (sum / (B * H)) or ``"none"`` (a ``[B]`` tensor).
@@ -132,7 +177,11 @@ def multihead_kd_loss(
     Returns:
         A float32 loss (float64 for float64 inputs); the student's gradient has
         the student's dtype. A teacher logit of ``-inf`` (masked class) adds
-        nothing; a student ``-inf`` where the teacher has mass gives ``+inf``.
+        nothing; a student ``-inf`` where the teacher logit is finite gives ``+inf``;
+        NaN (or a ``+inf`` logit, which leaves the softmax undefined) in a head
+        gives NaN for that head's loss and gradient; nothing else gives NaN.
+        The gradient is differentiable: ``torch.autograd.grad(..., create_graph=True)``
+        and higher derivatives work on every backend.
     """
     student_2d, teacher_2d, head_sizes = _as_heads(student, teacher, splits)
     num_heads = len(head_sizes)
@@ -142,8 +191,11 @@ def multihead_kd_loss(
         raise ValueError(
             f"student and teacher must be on the same device, got {student_2d.device} and {teacher_2d.device}"
         )
-    temperatures = _per_head("temperature", temperature, num_heads, 4.0, positive=True)
-    head_weights = _per_head("weights", weights, num_heads, 1.0, positive=False)
+    temperatures = _per_head("temperature", temperature, num_heads, 4.0)
+    for tau in temperatures:
+        check_temperature(tau)
+    head_weights = _per_head("weights", weights, num_heads, 1.0)
+    _check_weights(head_weights)
     if reduction not in REDUCTION_CODES:
         raise ValueError(f"reduction must be one of {sorted(REDUCTION_CODES)}, got {reduction!r}")
     if not isinstance(backend, str):
@@ -165,13 +217,8 @@ def multihead_kd_loss(
         raise TypeError(f"backend={backend!r} takes float32, float16 or bfloat16 logits, got float64")
     teacher_2d = teacher_2d.contiguous()
     student_2d = student_2d.contiguous()
-    device = student_2d.device
-    offsets = [0]
-    for c in head_sizes:
-        offsets.append(offsets[-1] + c)
-    head_offsets = torch.tensor(offsets, dtype=torch.int64, device=device)
-    temperatures_t = torch.tensor(temperatures, dtype=torch.float32, device=device)
-    weights_t = torch.tensor(head_weights, dtype=torch.float32, device=device)
+    head_offsets, temperatures_t, weights_t = _head_tables(
+        head_sizes, temperatures, head_weights, student_2d.device)
     compute_grad = torch.is_grad_enabled() and student_2d.requires_grad
     loss, _grad = kernel_op(backend)(
         student_2d, teacher_2d, head_offsets, temperatures_t, weights_t,

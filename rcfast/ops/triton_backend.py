@@ -17,68 +17,23 @@ time.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 
-import rcfast
-from rcfast.ops.kernel_contract import REDUCTION_CODES, fake_kernel, register_kernel_op_meta
+# setup.py installs the top-level kernels/ folder as the package rcfast.kernels
+# (package_dir), for an editable install as for a wheel.
+from rcfast.kernels import kd_loss
+from rcfast.ops.kernel_contract import (
+    REDUCTION_CODES, REDUCTION_NAMES, fake_kernel, reduction_scale, register_kernel_op_meta,
+)
 from rcfast.ops.reference import reduce_row_losses
 
 __all__ = ["multihead_kd_fwd_triton", "kernels_are_interpreted", "QUALNAME"]
 
 QUALNAME = "rcfast::multihead_kd_fwd_triton"
 
-
-def _import_kd_loss():
-    """Import ``rcfast.kernels.kd_loss``, also from a source checkout that is not installed.
-
-    ``setup.py`` installs the top-level ``kernels/`` folder as ``rcfast.kernels``
-    (``package_dir``); an installed or editable package resolves it. Running from
-    a plain checkout (``python -m pytest`` in the repository, nothing installed),
-    the same mapping is applied here, to the same folder.
-    """
-    try:
-        return importlib.import_module("rcfast.kernels.kd_loss")
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("rcfast.kernels", "rcfast.kernels.kd_loss"):
-            raise
-    kernels_dir = Path(rcfast.__file__).resolve().parent.parent / "kernels"
-    init_file = kernels_dir / "__init__.py"
-    if not init_file.is_file():
-        raise ModuleNotFoundError(
-            f"rcfast.kernels is not installed and {kernels_dir} does not exist", name="rcfast.kernels")
-    spec = importlib.util.spec_from_file_location(
-        "rcfast.kernels", init_file, submodule_search_locations=[str(kernels_dir)])
-    package = importlib.util.module_from_spec(spec)
-    sys.modules["rcfast.kernels"] = package
-    try:
-        spec.loader.exec_module(package)
-    except BaseException:
-        del sys.modules["rcfast.kernels"]
-        raise
-    rcfast.kernels = package
-    return importlib.import_module("rcfast.kernels.kd_loss")
-
-
-kd_loss = _import_kd_loss()
 kd_head_losses = kd_loss.kd_head_losses
-
-_KERNEL_REDUCTION_CODES = {
-    "none": kd_loss.REDUCTION_NONE, "sum": kd_loss.REDUCTION_SUM,
-    "mean": kd_loss.REDUCTION_MEAN, "batchmean": kd_loss.REDUCTION_BATCHMEAN,
-}
-if _KERNEL_REDUCTION_CODES != REDUCTION_CODES:
-    raise ImportError(
-        f"rcfast.kernels.kd_loss reduction codes {_KERNEL_REDUCTION_CODES} disagree with the "
-        f"kernel contract's {REDUCTION_CODES}")
-
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_REDUCTION_NAMES = {code: name for name, code in REDUCTION_CODES.items()}
 
 
 @torch.library.triton_op(QUALNAME, mutates_args=())
@@ -106,12 +61,12 @@ def _multihead_kd_fwd_triton(
     head_losses, grad = kd_head_losses(
         student.contiguous(), teacher.contiguous(), head_offsets.contiguous(),
         temperatures.to(torch.float32).contiguous(), weights.to(torch.float32).contiguous(),
-        reduction, compute_grad,
+        reduction_scale(reduction, student.shape[0], num_heads), compute_grad,
     )
     # Per-row losses, then the contract's reduction, with plain torch ops over a
     # [B, H] buffer: deterministic (no atomics), reproducible run to run.
     row_losses = head_losses.sum(dim=1)
-    return reduce_row_losses(row_losses, _REDUCTION_NAMES[reduction], num_heads), grad
+    return reduce_row_losses(row_losses, REDUCTION_NAMES[reduction], num_heads), grad
 
 
 def kernels_are_interpreted() -> bool:

@@ -9,10 +9,19 @@ its ``objective`` against the heads, teachers and data it names -- before any
 model or data pipeline is built. A config in the old form (``train.mode``,
 ``train.ce_weight``, ``teachers[].temperature``...) is refused with the
 ``objective:`` that replaces it.
+
+Every field has a valid range (see :meth:`RunConfig.validate`): a learning rate
+that is not a finite positive number, a negative weight decay, clip norm or
+term weight, ``min_lr_ratio`` outside [0, 1], zero threads... are refused with
+the key named. A config file is untrusted text: it must be UTF-8 YAML of at most
+:data:`MAX_CONFIG_BYTES`, whose aliases expand to at most
+:data:`MAX_CONFIG_VALUES` values and never refer to themselves.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,13 +33,30 @@ import yaml
 __all__ = [
     "ConfigError", "StudentConfig", "TeacherConfig", "DataConfig", "TaskConfig", "OptimConfig",
     "TrainConfig", "RunConfig", "load_config", "config_from_dict", "config_to_dict", "dump_config",
-    "apply_overrides", "PROXY_STREAM",
+    "apply_overrides", "PROXY_STREAM", "MAX_IMAGE_SIZE", "MAX_THREADS", "parse_yaml", "read_config_text",
+    "check_plain_data", "normalized_config_dict", "MAX_CONFIG_BYTES", "MAX_CONFIG_VALUES",
 ]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 PROXY_STREAM = "proxy"
 OPTIMIZERS = ("adamw", "adam", "sgd", "lamb")
 OPTIMIZER_IMPLS = ("auto", "torch", "apex")
+DATA_BACKENDS = ("auto", "dali", "pil")
+DIST_BACKENDS = ("auto", "nccl", "gloo")
+MAX_CONFIG_BYTES = 256 << 10
+"""A run config is a small text file (a few KiB); anything larger is refused before it is parsed."""
+MAX_CONFIG_VALUES = 50_000
+"""How many values a config may hold once YAML aliases are expanded (a "billion laughs" file holds 10**9)."""
+MAX_CONFIG_DEPTH = 64
+"""How deeply a config's YAML may nest (deep flow nesting crashes or stalls YAML parsers)."""
+# libyaml's loader when PyYAML has it (fast); both construct plain data only, like yaml.safe_load.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+MAX_IMAGE_SIZE = 4096
+"""The largest ``data.image_size`` (pixels per side): anything larger is a typo, not a data set."""
+MAX_THREADS = 1024
+"""The most threads or data workers a config may ask for (more than any machine has cores)."""
+_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+_MAX_SEED = 2**63 - 1
 
 
 class ConfigError(ValueError):
@@ -63,7 +89,9 @@ class TeacherConfig:
     ``checkpoint`` is a state_dict file of ``build_classifier(builder,
     num_classes, **builder_kwargs)`` (or an rcfast checkpoint holding one under
     ``"model"``), loaded with ``torch.load(weights_only=True)``. ``generalist``
-    marks the broad-domain teacher (informational).
+    marks the broad-domain teacher (informational). ``sha256`` (optional) pins
+    the checkpoint file's SHA-256 (as ``sha256sum`` prints it): a file with
+    other bytes is refused before training.
     """
 
     name: str = ""
@@ -72,6 +100,7 @@ class TeacherConfig:
     num_classes: int = 0
     builder_kwargs: dict = field(default_factory=dict)
     generalist: bool = False
+    sha256: str = ""
 
 
 @dataclass
@@ -133,6 +162,13 @@ class TrainConfig:
     only checks that they hold. ``seed`` also seeds the run itself (the
     student's initialisation, terms' parameters, the data order), inside the
     trainer's own RNG scope.
+
+    ``resume``: ``auto`` (the newest usable checkpoint in ``out_dir``),
+    ``none``, or a checkpoint file. A resumed run must have the same config but
+    for run-length, logging, checkpoint, location and thread fields
+    (:mod:`rcfast.train.resume`), unless ``allow_config_change``.
+    ``dist_timeout_s``: how long a DDP collective waits for the other ranks
+    before the run stops with an error (``init_process_group(timeout=...)``).
     """
 
     max_steps: int = 1000
@@ -150,6 +186,8 @@ class TrainConfig:
     loss_backend: str = "auto"
     sync_batchnorm: bool = False
     dist_backend: str = "auto"
+    dist_timeout_s: float = 600.0
+    allow_config_change: bool = False
 
 
 @dataclass
@@ -184,36 +222,24 @@ class RunConfig:
         return streams
 
     def validate(self) -> "RunConfig":
-        """Check cross-field consistency, and the objective against the run; raise :class:`ConfigError` naming the key."""
-        t = self.train
-        if t.precision not in PRECISIONS:
-            raise ConfigError(f"train.precision must be one of {PRECISIONS}, got {t.precision!r}")
-        if t.max_steps <= 0:
-            raise ConfigError(f"train.max_steps must be > 0, got {t.max_steps}")
-        if t.log_every <= 0:
-            raise ConfigError(f"train.log_every must be > 0, got {t.log_every}")
-        if t.checkpoint_every < 0 or t.keep_checkpoints < 1:
-            raise ConfigError("train.checkpoint_every must be >= 0 and train.keep_checkpoints >= 1")
-        if t.num_threads is not None and t.num_threads <= 0:
-            raise ConfigError(f"train.num_threads must be > 0 (or null), got {t.num_threads}")
-        if self.optim.name not in OPTIMIZERS:
-            raise ConfigError(f"optim.name must be one of {OPTIMIZERS}, got {self.optim.name!r}")
-        if self.optim.impl not in OPTIMIZER_IMPLS:
-            raise ConfigError(f"optim.impl must be one of {OPTIMIZER_IMPLS}, got {self.optim.impl!r}")
-        if self.optim.lr <= 0 or self.optim.warmup_steps < 0:
-            raise ConfigError("optim.lr must be > 0 and optim.warmup_steps >= 0")
-        if len(self.optim.betas) != 2:
-            raise ConfigError(f"optim.betas must be two floats, got {self.optim.betas!r}")
-        if not self.student.backbone:
-            raise ConfigError("student.backbone must name a model")
-        if self.data.batch_size <= 0 or self.data.image_size <= 0:
-            raise ConfigError("data.batch_size and data.image_size must be > 0")
+        """Check every field's range and the cross-field consistency, and the objective against the run.
+
+        Raises :class:`ConfigError` naming the key.
+        """
+        self._validate_train()
+        self._validate_optim()
+        self._validate_student()
+        self._validate_data()
         for i, tc in enumerate(self.teachers):
             for key in ("name", "builder", "checkpoint"):
                 if not getattr(tc, key):
                     raise ConfigError(f"teachers[{i}].{key} must be set")
             if tc.num_classes <= 0:
                 raise ConfigError(f"teachers[{i}].num_classes must be > 0, got {tc.num_classes}")
+            _check_kwargs(f"teachers[{i}].builder_kwargs", tc.builder_kwargs)
+            if tc.sha256 and not _SHA256.match(tc.sha256):
+                raise ConfigError(f"teachers[{i}].sha256 must be 64 hex digits (as sha256sum prints), got "
+                                  f"{tc.sha256!r}")
         _check_unique("teachers", [tc.name for tc in self.teachers], "teacher")
         for i, task in enumerate(self.tasks):
             if not task.name or not task.source or task.num_classes <= 0:
@@ -221,11 +247,6 @@ class RunConfig:
             if task.name == PROXY_STREAM:
                 raise ConfigError(f"tasks[{i}].name {PROXY_STREAM!r} is reserved for the proxy data (data.source)")
         _check_unique("tasks", [task.name for task in self.tasks], "task")
-        for name, size in self.student.heads.items():
-            if not isinstance(name, str) or not name:
-                raise ConfigError(f"student.heads: head names must be non-empty strings, got {name!r}")
-            if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-                raise ConfigError(f"student.heads.{name} must be a positive number of classes, got {size!r}")
         heads = self.student_heads()
         if not heads:
             raise ConfigError("the student has no heads: set student.heads {name: num_classes}, or give "
@@ -236,12 +257,100 @@ class RunConfig:
         self._check_objective(heads)
         return self
 
+    def _validate_train(self) -> None:
+        t = self.train
+        if t.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision must be one of {PRECISIONS}, got {t.precision!r}")
+        for key, value, low in (("max_steps", t.max_steps, 1), ("log_every", t.log_every, 1),
+                                ("checkpoint_every", t.checkpoint_every, 0),
+                                ("keep_checkpoints", t.keep_checkpoints, 1)):
+            if value < low:
+                raise ConfigError(f"train.{key} must be >= {low}, got {value}")
+        if not 0 <= t.seed <= _MAX_SEED:
+            raise ConfigError(f"train.seed must be in [0, 2**63 - 1], got {t.seed}")
+        if t.num_threads is not None and not 0 < t.num_threads <= MAX_THREADS:
+            raise ConfigError(f"train.num_threads must be in [1, {MAX_THREADS}] (or null: torch's default), got "
+                              f"{t.num_threads}")
+        if not t.out_dir:
+            raise ConfigError("train.out_dir must be a folder path")
+        if t.device != "auto":
+            import torch  # noqa: PLC0415  (a device string is checked where torch parses it)
+            try:
+                torch.device(t.device)
+            except (RuntimeError, ValueError) as exc:
+                raise ConfigError(f"train.device must be 'auto' or a torch device like 'cpu' or 'cuda:0', got "
+                                  f"{t.device!r}") from exc
+        from rcfast.ops.backends import BACKENDS  # noqa: PLC0415
+        if t.loss_backend not in ("auto",) + BACKENDS:
+            raise ConfigError(f"train.loss_backend must be one of {('auto',) + BACKENDS}, got {t.loss_backend!r}")
+        if t.dist_backend not in DIST_BACKENDS:
+            raise ConfigError(f"train.dist_backend must be one of {DIST_BACKENDS}, got {t.dist_backend!r}")
+        if not (math.isfinite(t.dist_timeout_s) and t.dist_timeout_s >= 1):
+            raise ConfigError(f"train.dist_timeout_s must be a finite number of seconds >= 1, got {t.dist_timeout_s}")
+
+    def _validate_optim(self) -> None:
+        o = self.optim
+        if o.name not in OPTIMIZERS:
+            raise ConfigError(f"optim.name must be one of {OPTIMIZERS}, got {o.name!r}")
+        if o.impl not in OPTIMIZER_IMPLS:
+            raise ConfigError(f"optim.impl must be one of {OPTIMIZER_IMPLS}, got {o.impl!r}")
+        if not (math.isfinite(o.lr) and o.lr > 0):
+            raise ConfigError(f"optim.lr must be a finite number > 0, got {o.lr}")
+        if not (math.isfinite(o.weight_decay) and o.weight_decay >= 0):
+            raise ConfigError(f"optim.weight_decay must be a finite number >= 0, got {o.weight_decay}")
+        if not (math.isfinite(o.momentum) and 0 <= o.momentum < 1):
+            raise ConfigError(f"optim.momentum must be in [0, 1), got {o.momentum}")
+        if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                        for b in o.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas!r}")
+        if o.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+        if not (math.isfinite(o.min_lr_ratio) and 0 <= o.min_lr_ratio <= 1):
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1] (the final LR as a fraction of optim.lr), got "
+                              f"{o.min_lr_ratio}")
+        if o.clip_grad_norm is not None and not (math.isfinite(o.clip_grad_norm) and o.clip_grad_norm > 0):
+            raise ConfigError(f"optim.clip_grad_norm must be a finite number > 0, or null for no clipping, got "
+                              f"{o.clip_grad_norm}")
+
+    def _validate_student(self) -> None:
+        if not self.student.backbone:
+            raise ConfigError("student.backbone must name a model")
+        _check_kwargs("student.backbone_kwargs", self.student.backbone_kwargs)
+        for name, size in self.student.heads.items():
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"student.heads: head names must be non-empty strings, got {name!r}")
+            if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+                raise ConfigError(f"student.heads.{name} must be a positive number of classes, got {size!r}")
+
+    def _validate_data(self) -> None:
+        d = self.data
+        if d.batch_size <= 0:
+            raise ConfigError(f"data.batch_size must be > 0, got {d.batch_size}")
+        if not 0 < d.image_size <= MAX_IMAGE_SIZE:
+            raise ConfigError(f"data.image_size must be in [1, {MAX_IMAGE_SIZE}], got {d.image_size}")
+        if not 0 <= d.num_threads <= MAX_THREADS:
+            raise ConfigError(f"data.num_threads must be in [0, {MAX_THREADS}], got {d.num_threads}")
+        if d.backend not in DATA_BACKENDS:
+            raise ConfigError(f"data.backend must be one of {DATA_BACKENDS}, got {d.backend!r}")
+        try:
+            from rcfast.data.plan import AUGMENTS  # noqa: PLC0415  (the data pipeline's own list)
+        except ImportError:  # without the data extra no pipeline runs; the command says so first
+            AUGMENTS = None
+        if AUGMENTS is not None and d.augment not in AUGMENTS:
+            raise ConfigError(f"data.augment must be one of {AUGMENTS}, got {d.augment!r}")
+
     def _check_objective(self, heads: dict[str, int]) -> None:
         from rcfast.train.objectives import Objective, RunLayout
 
         layout = RunLayout(heads=heads, teachers={tc.name: tc.num_classes for tc in self.teachers},
                            streams=self.stream_infos(), loss_backend=self.train.loss_backend)
         Objective.from_specs(self.objective).check_layout(layout)
+
+
+def _check_kwargs(key: str, kwargs: dict) -> None:
+    for name in kwargs:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ConfigError(f"{key}: keyword names must be identifiers, got {name!r}")
 
 
 def _check_unique(key: str, names: list[str], what: str) -> None:
@@ -293,10 +402,16 @@ def _convert(value: Any, tp, key: str):
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{key} must be a number of float range, got an integer of "
+                              f"{len(str(abs(value)))} digits") from None
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a string, got {value!r}")
+        if "\x00" in value:
+            raise ConfigError(f"{key} contains a NUL character, which no path or name may hold")
         return value
     raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")
 
@@ -371,8 +486,86 @@ def config_from_dict(data: dict) -> RunConfig:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"a run config must be a mapping at the top level, got {type(data).__name__}")
+    check_plain_data(data)
     _refuse_legacy(data)
     return _from_dict(RunConfig, data).validate()
+
+
+def parse_yaml(text: str, where: str):
+    """``yaml.safe_load(text)``, after a streaming pass that refuses deep nesting and huge value counts.
+
+    The pass reads parser events (no recursion, no objects built), so a hostile
+    text fails in milliseconds instead of crashing the C loader or stalling the
+    Python one; alias bombs are caught after loading by :func:`check_plain_data`.
+    """
+    depth = events = 0
+    try:
+        for event in yaml.parse(text, Loader=_YAML_LOADER):
+            events += 1
+            if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+                depth += 1
+                if depth > MAX_CONFIG_DEPTH:
+                    raise ConfigError(f"{where} nests more than {MAX_CONFIG_DEPTH} levels deep; a run config is "
+                                      "nearly flat")
+            elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+                depth -= 1
+            if events > 2 * MAX_CONFIG_VALUES:
+                raise ConfigError(f"{where} holds more than {MAX_CONFIG_VALUES} values; a run config is small")
+        return yaml.load(text, Loader=_YAML_LOADER)  # noqa: S506  (a safe loader: plain data only)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where} is not valid YAML: {' '.join(str(exc).split())}") from None
+
+
+def check_plain_data(data, what: str = "the config", limit: int = MAX_CONFIG_VALUES) -> int:
+    """Count the values of a parsed config with aliases expanded; refuse bombs and self-references.
+
+    YAML aliases (and pickle memo references, for a config stored in a
+    checkpoint) share one object between many places: walking such a value
+    naively takes exponential time or never ends. Shared parts are counted
+    once per place they appear, in time linear in the distinct objects.
+    Returns the count; raises :class:`ConfigError` above ``limit`` or on a cycle.
+    """
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def count(node) -> int:
+        if not isinstance(node, (dict, list, tuple)):
+            return 1
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise ConfigError(f"{what} refers to itself (a recursive YAML alias): it has no finite value")
+        open_nodes.add(key)
+        total = 1
+        for child in (list(node.keys()) + list(node.values())) if isinstance(node, dict) else node:
+            total += count(child)
+            if total > limit:
+                raise ConfigError(f"{what} holds more than {limit} values once its YAML aliases are expanded; "
+                                  "a run config is small (an alias bomb?)")
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    try:
+        return count(data)
+    except RecursionError:
+        raise ConfigError(f"{what} is nested too deeply to be a run config") from None
+
+
+def normalized_config_dict(data) -> dict:
+    """``data`` (a config dict, e.g. one stored in a checkpoint) with every default filled in.
+
+    Not validated; a dict that does not parse as a config (another rcfast
+    version's) is returned as it is, after the same size checks as a config file.
+    """
+    if not isinstance(data, dict):
+        return data
+    check_plain_data(data, "the stored config")
+    try:
+        return config_to_dict(_from_dict(RunConfig, data))
+    except (ConfigError, TypeError, ValueError):
+        return data
 
 
 def config_to_dict(config: RunConfig) -> dict:
@@ -398,10 +591,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         dotted, raw = item.split("=", 1)
         keys = dotted.strip().split(".")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {dotted}: value {raw!r} is not valid YAML: {exc}") from exc
+        if not all(keys):
+            raise ConfigError(f"--set {dotted!r}: a key path is dot-separated names, like train.max_steps")
+        value = parse_yaml(raw, f"--set {dotted}: the value {raw[:80]!r}")
         node = data
         for depth, key in enumerate(keys[:-1]):
             node = _child(node, key, ".".join(keys[: depth + 1]))
@@ -409,8 +601,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if isinstance(node, list):
             index = _index(node, last, dotted)
             node[index] = value
-        else:
+        elif isinstance(node, dict):
             node[last] = value
+        else:
+            raise ConfigError(f"--set {dotted}: cannot index into a {type(node).__name__}")
     return data
 
 
@@ -430,19 +624,37 @@ def _child(node, key: str, dotted: str):
     return node[key]
 
 
+def read_config_text(path: str | Path) -> str:
+    """The text of a config file (or pipe): UTF-8 of at most :data:`MAX_CONFIG_BYTES`."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config {path} is a directory, not a YAML file")
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    with open(path, "rb") as f:  # a bounded read: a pipe or a device works, /dev/zero is refused by size
+        raw = f.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config {path} is larger than {MAX_CONFIG_BYTES >> 10} KiB; a run config is a small "
+                          "YAML file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config {path} is not a UTF-8 text file (byte {exc.start} is 0x{raw[exc.start]:02x}); "
+                          "--config takes a YAML run config") from None
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML run config, apply ``key=value`` overrides, validate it."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    data = parse_yaml(read_config_text(path), str(path))
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a run config must be a mapping at the top level")
-    data = apply_overrides(data, overrides or [])
+        raise ConfigError(f"{path}: a run config must be a mapping (key: value lines) at the top level, got a "
+                          f"{type(data).__name__}")
     try:
+        check_plain_data(data)
+        data = apply_overrides(data, overrides or [])
         return config_from_dict(data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc

@@ -37,7 +37,7 @@ from rcfast.eval.report import bar_chart, format_table, markdown_table
 from rcfast.models import build_classifier, build_model, classifier_backbone
 from rcfast.train.config import (DataConfig, OptimConfig, RunConfig, StudentConfig, TaskConfig, TeacherConfig,
                                  TrainConfig, dump_config, load_config)
-from rcfast.train.checkpoint import isolated_rng, seed_everything
+from rcfast.train.checkpoint import isolated_rng, load_checkpoint, seed_everything
 from rcfast.train.consolidator import Consolidator
 from rcfast.train.teachers import extract_model_state
 
@@ -197,14 +197,14 @@ def run_demo(out_dir: str | Path = "rcfast-demo", quick: bool = False, settings:
     for name in ("teacher_generalist", "teacher_task_a", "teacher_task_b"):
         task = configs[name].tasks[0]
         model = build_classifier(BACKBONE, task.num_classes, width=settings.width)
-        model.load_state_dict(extract_model_state(torch.load(final_paths[name], weights_only=True)))
+        model.load_state_dict(extract_model_state(load_checkpoint(final_paths[name])))
         test_folder = manifest[{"teacher_generalist": "teacher_all", "teacher_task_a": "task_a",
                                 "teacher_task_b": "task_b"}[name]]["test"]
         teacher_accuracy[name] = classifier_accuracy(model, _labeled(test_folder, settings))
         backbones[name] = classifier_backbone(model)
     for name in ("single_kd_a", "repcon", "multi_kd_no_generalist", "oracle_multitask"):
         model = build_model(BACKBONE, width=settings.width)
-        state = extract_model_state(torch.load(final_paths[name], weights_only=True))
+        state = extract_model_state(load_checkpoint(final_paths[name]))
         model.load_state_dict({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")})
         backbones[name] = model
 

@@ -7,16 +7,17 @@ classifier), or a backbone's state_dict. The classifier layer (``heads.*``, or
 the ``torchvision:``/``timm:`` head the backbone was built without) is dropped;
 every other key must match the backbone exactly, or a :class:`ConfigError`
 lists the missing, unexpected and mis-shaped keys. Loaded with
-``torch.load(weights_only=True)``: a checkpoint is data, never code.
+``torch.load(weights_only=True)`` (a checkpoint is data, never code), its
+content hash verified when rcfast wrote it.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from rcfast.models import MultiHeadStudent
+from rcfast.train.checkpoint import load_checkpoint
 from rcfast.train.config import ConfigError
+from rcfast.train.errors import CheckpointError
 from rcfast.train.teachers import extract_model_state
 
 __all__ = ["init_student_from"]
@@ -43,12 +44,13 @@ def backbone_state(state: dict, classifier_names: tuple[str, ...]) -> tuple[dict
 def init_student_from(student: MultiHeadStudent, path: str | Path) -> list[str]:
     """Load ``path`` into ``student.backbone`` (heads untouched); return the dropped classifier keys."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"student.init_from: checkpoint file {path} does not exist")
     try:
-        state = extract_model_state(torch.load(path, map_location="cpu", weights_only=True))
-    except Exception as exc:  # unpickling errors, wrong contents: all mean "not a usable checkpoint"
-        raise ConfigError(f"student.init_from: {path} is not a loadable weights-only checkpoint: {exc}") from exc
+        state = extract_model_state(load_checkpoint(path, what="student.init_from: checkpoint"))
+    except (CheckpointError, ValueError) as exc:
+        raise ConfigError(str(exc) if isinstance(exc, CheckpointError)
+                          else f"student.init_from: {path} holds no model weights: {exc}") from exc
     classifier_names = (_STUDENT_HEADS, getattr(student.backbone, "classifier_name", None))
     body, dropped = backbone_state(state, classifier_names)
     expected = student.backbone.state_dict()

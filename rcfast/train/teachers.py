@@ -2,6 +2,9 @@
 
 A teacher checkpoint is data: it is read with ``torch.load(weights_only=True)``
 into an architecture built by name (:func:`rcfast.models.build_classifier`).
+A file rcfast wrote carries a content hash, verified on load; any file can be
+pinned by its sha256 in the config (``teachers[].sha256``,
+:func:`teacher_file_sha256`).
 
 "Where teacher logits come from" is :class:`TeacherSource`: the trainer asks
 it, once per step and data stream, for the packed logits of some teachers (and,
@@ -16,18 +19,18 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
 from torch import nn
 
 from rcfast.models import build_classifier
-from rcfast.train.config import TeacherConfig
+from rcfast.train.checkpoint import check_checkpoint_file, file_sha256, load_checkpoint
+from rcfast.train.config import ConfigError, TeacherConfig
 from rcfast.train.hooks import LayerCapture
 
-__all__ = ["load_teacher", "extract_model_state", "TeacherSource", "TeacherRequest", "TeacherOutputs",
-           "OnlineTeachers"]
+__all__ = ["load_teacher", "teacher_file_sha256", "extract_model_state", "TeacherSource", "TeacherRequest",
+           "TeacherOutputs", "OnlineTeachers"]
 
 
 def extract_model_state(checkpoint) -> dict:
@@ -46,31 +49,49 @@ def extract_model_state(checkpoint) -> dict:
     return dict(state)
 
 
+def teacher_file_sha256(cfg: TeacherConfig) -> str:
+    """The sha256 of ``cfg.checkpoint``'s bytes, checked against ``cfg.sha256`` when the config pins one.
+
+    Raises :class:`~rcfast.train.errors.CheckpointError` for a missing, empty or
+    non-regular file and :class:`ConfigError` for a pin mismatch -- both naming
+    the teacher.
+    """
+    path = check_checkpoint_file(cfg.checkpoint, what=f"teacher {cfg.name!r}: checkpoint")
+    actual = file_sha256(path)
+    if cfg.sha256 and actual != cfg.sha256.lower():
+        raise ConfigError(f"teacher {cfg.name!r}: checkpoint {path} has sha256 {actual}, but teachers[].sha256 pins "
+                          f"{cfg.sha256.lower()}: the file is not the one the config names (replaced or corrupt)")
+    return actual
+
+
 def load_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu") -> nn.Module:
     """Build ``cfg.builder`` with ``cfg.num_classes`` outputs and load ``cfg.checkpoint`` into it.
 
     Returns the teacher in ``eval()`` mode with gradients off. Raises
-    ``FileNotFoundError`` for a missing file and ``ValueError`` naming the
-    teacher when the checkpoint does not fit the architecture.
+    :class:`ConfigError` when the file's sha256 differs from ``cfg.sha256`` (if
+    set), and ``ValueError`` (a :class:`~rcfast.train.errors.CheckpointError`
+    for the file itself) naming the teacher when the file is missing or not a
+    usable checkpoint (truncated, code-carrying, failing its content hash), or
+    does not fit the architecture.
     """
-    path = Path(cfg.checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"teacher {cfg.name!r}: checkpoint file {path} does not exist")
+    if cfg.sha256:
+        teacher_file_sha256(cfg)
+    path = check_checkpoint_file(cfg.checkpoint, what=f"teacher {cfg.name!r}: checkpoint")
     try:
         model = build_classifier(cfg.builder, cfg.num_classes, **cfg.builder_kwargs)
     except (ValueError, TypeError, ImportError) as exc:
         raise type(exc)(f"teacher {cfg.name!r}: cannot build {cfg.builder!r}: {exc}") from exc
+    checkpoint = load_checkpoint(path, what=f"teacher {cfg.name!r}: checkpoint")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         state = extract_model_state(checkpoint)
-    except Exception as exc:  # unpickling errors, wrong contents: all mean "not a usable checkpoint"
-        raise ValueError(f"teacher {cfg.name!r}: {path} is not a loadable weights-only checkpoint: {exc}") from exc
+    except ValueError as exc:
+        raise ValueError(f"teacher {cfg.name!r}: {path} holds no model weights: {exc}") from exc
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise ValueError(
             f"teacher {cfg.name!r}: checkpoint {path} does not fit builder {cfg.builder!r} with "
-            f"num_classes={cfg.num_classes} and builder_kwargs={cfg.builder_kwargs}: {exc}"
+            f"num_classes={cfg.num_classes} and builder_kwargs={cfg.builder_kwargs}: {' '.join(str(exc).split())}"
         ) from exc
     return model.to(device).eval().requires_grad_(False)
 

@@ -28,7 +28,7 @@ class FakeResNet(nn.Module):
 class FakeTimmNet(nn.Module):
     """A timm-style model: ``head.fc`` classifier, ``Identity`` when ``num_classes=0``."""
 
-    def __init__(self, num_classes: int = 1000):
+    def __init__(self, num_classes: int = 1000, drop_rate: float = 0.0, **ignored):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 6, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Module()
@@ -55,9 +55,16 @@ def fake_torchvision(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "torchvision.models", models)
 
 
-def fake_timm(monkeypatch) -> None:
-    """Install a ``timm`` exposing ``create_model("net_fake", num_classes=...)``."""
+def fake_timm(monkeypatch, calls: list | None = None) -> None:
+    """Install a ``timm`` exposing ``create_model("net_fake", num_classes=...)``.
+
+    Every call's ``(name, kwargs)`` is appended to ``calls`` when given: what a
+    real timm would do with ``checkpoint_path=`` or ``pretrained=True`` (open a
+    file, download, unpickle) is what tests must show never reaches it.
+    """
     def create_model(name, num_classes: int = 1000, **kwargs):
+        if calls is not None:
+            calls.append((name, dict(kwargs, num_classes=num_classes)))
         if name != "net_fake":
             raise RuntimeError(f"Unknown model ({name})")
         return FakeTimmNet(num_classes=num_classes, **kwargs)

@@ -7,12 +7,15 @@ trains a tiny student from two seeded random teachers on in-memory images
 step N and then sleep, so a test can ``SIGKILL`` it at a known point. Under
 ``torchrun`` it runs DDP (gloo) with ``--batch-size`` images per rank.
 ``--probe-term`` adds the test term ``regression_probe`` (trainable parameters
-of its own) to the objective. As the owner of its process, the script applies
+of its own) to the objective. ``--stop-rank R --stop-after N --stop-how
+exit|hang`` makes rank R leave (``os._exit(0)``) or hang after step N, for the
+DDP timeout test; ``--dist-timeout S`` sets ``train.dist_timeout_s``. As the owner of its process, the script applies
 the run-wide settings itself (``apply_runtime``).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -40,15 +43,19 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--loss-backend", default="auto")
     parser.add_argument("--probe-term", action="store_true")
+    parser.add_argument("--stop-rank", type=int, default=None)
+    parser.add_argument("--stop-after", type=int, default=2)
+    parser.add_argument("--stop-how", choices=("exit", "hang"), default="hang")
+    parser.add_argument("--dist-timeout", type=float, default=600.0)
     args = parser.parse_args()
 
     train = TrainConfig(max_steps=args.steps, checkpoint_every=args.checkpoint_every, keep_checkpoints=10,
                         out_dir=args.out, deterministic=True, num_threads=1, log_every=1, progress=False,
                         precision=args.precision, seed=7,
-                        loss_backend=args.loss_backend)
+                        loss_backend=args.loss_backend, dist_timeout_s=args.dist_timeout)
     apply_runtime(train)
     # Join the torchrun group first: datasets take their shard from it when built.
-    ctx = setup_distributed("cpu")
+    ctx = setup_distributed("cpu", timeout_s=args.dist_timeout)
     torch.manual_seed(1234)
     teachers = {"task": build_classifier("small_cnn", 3, width=4), "generalist": build_classifier("small_cnn", 6, width=4)}
     with torch.no_grad():  # sharpen the random teachers so the student gets a real signal
@@ -77,6 +84,14 @@ def main() -> None:
                 (Path(args.out) / "hung").write_text(str(t.step))
                 time.sleep(600)
         trainer.add_callback(hang)
+    if args.stop_rank is not None:
+        def stop(t: Consolidator) -> None:
+            if t.step == args.stop_after and t.ctx.rank == args.stop_rank:
+                print(f"rank {t.ctx.rank} stops after step {t.step} ({args.stop_how})", flush=True)
+                if args.stop_how == "exit":
+                    os._exit(0)
+                time.sleep(120)
+        trainer.add_callback(stop)
     summary = trainer.fit()
     trainer.close()
     print("SUMMARY", summary, flush=True)

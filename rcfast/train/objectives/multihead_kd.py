@@ -6,7 +6,7 @@ Options (YAML ``{term: multihead_kd, ...}``):
   (default): every student head, each from the teacher of the same name;
   a list of heads (each from its same-named teacher); or ``{head: teacher}``.
 - ``temperature``: one float for all heads or ``{head: float}`` (default 4.0).
-- ``head_weights``: one float or ``{head: float}`` (default 1.0), inside the
+- ``head_weights``: one float >= 0 or ``{head: float}`` (default 1.0), inside the
   term (the entry's ``weight`` scales the whole term).
 - ``data``: the data stream (default ``proxy``).
 
@@ -32,6 +32,8 @@ def _check_number(option: str, value, positive: bool) -> None:
         raise ValueError(f"{option} must be a finite number or a {{head: number}} mapping, got {value!r}")
     if positive and value <= 0:
         raise ValueError(f"{option} must be > 0, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{option} must be >= 0, got {value!r}")
 
 
 def _check_per_head(option: str, value, positive: bool) -> None:

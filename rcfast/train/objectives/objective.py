@@ -103,8 +103,9 @@ class Objective(nn.Module):
                 raise TypeError(f"objective term {name!r} must be a rcfast Term, got {type(term).__name__}")
             if name in self.terms:
                 raise ConfigError(f"two objective terms are named {name!r}")
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-                raise ConfigError(f"objective term {name!r}: weight must be a finite number, got {weight!r}")
+            if (isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight)
+                    or weight < 0):
+                raise ConfigError(f"objective term {name!r}: weight must be a finite number >= 0, got {weight!r}")
             self.terms[name] = term
             self.weights[name] = float(weight)
         self.inputs: list[InputKey] = []
@@ -126,8 +127,10 @@ class Objective(nn.Module):
         entries = []
         for i, (name, spec) in enumerate(zip(names, specs)):
             weight = spec.get("weight", 1.0)
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-                raise ConfigError(f"objective[{i}].weight must be a finite number, got {weight!r}")
+            if (isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight)
+                    or weight < 0):
+                # A negative weight would ascend that term's gradient: never a loss to minimise.
+                raise ConfigError(f"objective[{i}].weight must be a finite number >= 0, got {weight!r}")
             entries.append((name, float(weight), _build_term(spec, f"objective[{i}]")))
         return cls(entries)
 
