@@ -20,8 +20,8 @@ from rcfast.ops.backends import resolve_backend
 from rcfast.ops.fused_linear_op import (
     fused_linear_multihead_kd, reference_fused_linear_loss, teacher_logits_of,
 )
-from rcfast.ops.kernel_contract import REDUCTION_CODES
-from rcfast.ops.multihead_kd import SUPPORTED_DTYPES, _per_head
+from rcfast.ops.kernel_contract import REDUCTION_CODES, check_temperature
+from rcfast.ops.multihead_kd import SUPPORTED_DTYPES, _check_weights, _head_tables, _per_head
 
 __all__ = ["fused_linear_multihead_kd_loss"]
 
@@ -136,7 +136,8 @@ def fused_linear_multihead_kd_loss(
             computed chunk by chunk too. A constant target (no gradient).
         splits: head sizes ``[C_1, ..., C_H]`` (default: one head).
         bias: optional ``[sum(C_h)]``.
-        temperature, weights, reduction: as in :func:`rcfast.multihead_kd_loss`.
+        temperature, weights, reduction: as in :func:`rcfast.multihead_kd_loss`
+            (temperatures in ``[1e-6, 100]``).
         backend: ``"auto"``, ``"reference"`` (the unfused path: the logits are
             materialised), ``"cpu"``, ``"triton"`` or ``"cuda"`` (the fused KD kernel run
             on each chunk).
@@ -158,8 +159,11 @@ def fused_linear_multihead_kd_loss(
         raise ValueError("hidden has batch size 0: the loss needs at least one row")
     head_sizes = _head_sizes(splits, num_classes)
     num_heads = len(head_sizes)
-    temperatures = _per_head("temperature", temperature, num_heads, 4.0, positive=True)
-    head_weights = _per_head("weights", weights, num_heads, 1.0, positive=False)
+    temperatures = _per_head("temperature", temperature, num_heads, 4.0)
+    for tau in temperatures:
+        check_temperature(tau)
+    head_weights = _per_head("weights", weights, num_heads, 1.0)
+    _check_weights(head_weights)
     if reduction not in REDUCTION_CODES:
         raise ValueError(f"reduction must be one of {sorted(REDUCTION_CODES)}, got {reduction!r}")
     if not isinstance(backend, str):
@@ -193,10 +197,10 @@ def fused_linear_multihead_kd_loss(
         grad_enabled and weight.requires_grad,
         grad_enabled and bias is not None and bias.requires_grad,
     ]
+    # The dense op's cached per-head tables: no host-to-device copies per call.
+    _, temperatures_t, weights_t = _head_tables(tuple(head_sizes), temperatures, head_weights, device)
     loss, _, _, _ = fused_linear_multihead_kd(
-        hidden, weight, bias, *teacher_parts, head_sizes,
-        torch.tensor(temperatures, dtype=torch.float32, device=device),
-        torch.tensor(head_weights, dtype=torch.float32, device=device),
+        hidden, weight, bias, *teacher_parts, head_sizes, temperatures_t, weights_t,
         reduction_code, compute_grads, None, max_chunk_logits or 0, backend,
     )
     return loss

@@ -52,24 +52,21 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from rcfast.ops.backends import kernel_op
 from rcfast.ops.fused_linear_chunks import LinearTeacher, PackedTeacher, run_chunks
-from rcfast.ops.kernel_contract import REDUCTION_CODES
+from rcfast.ops.kernel_contract import (
+    REDUCTION_CODES, REDUCTION_NAMES, _apply_incoming_gradient, _may_hand_over_buffers, reduction_scale,
+)
 from rcfast.ops.reference import reduce_row_losses, reference_row_losses
 
 __all__ = ["QUALNAME", "OP_SCHEMA", "fused_linear_multihead_kd", "reference_fused_linear_loss", "teacher_logits_of"]
 
 QUALNAME = "rcfast::fused_linear_multihead_kd"
-_REDUCTION_NAMES = {code: name for name, code in REDUCTION_CODES.items()}
 
 
 def _reduction_scale(reduction: int, batch: int, num_heads: int) -> Optional[float]:
-    name = _REDUCTION_NAMES[reduction]
-    if name == "none":
+    """The scale of the summed loss, or None for per-row losses (the chunk loop's convention)."""
+    if reduction == REDUCTION_CODES["none"]:
         return None
-    if name == "batchmean":
-        return 1.0 / batch
-    if name == "mean":
-        return 1.0 / (batch * num_heads)
-    return 1.0
+    return reduction_scale(reduction, batch, num_heads)
 
 
 def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -184,22 +181,12 @@ def _plain_eager(tensor: torch.Tensor) -> bool:
 
 
 def _hand_over(buffers, grad_loss):
-    """The forward's gradients times the (scalar) incoming gradient.
-
-    In plain eager, outside a double backward and when the graph is not kept,
-    nothing will read the buffers again: they are scaled in place (no dW-sized
-    temporary) or, for an incoming gradient of exactly 1 on the CPU (where
-    reading it is free), handed over untouched.
-    """
-    safe = (_plain_eager(grad_loss) and not torch.is_grad_enabled()
-            and not torch._C._autograd._get_current_graph_task_keep_graph())
-    if not safe:
-        return [None if b is None else b * grad_loss for b in buffers]
-    if not (grad_loss.device.type == "cpu" and grad_loss.item() == 1.0):
-        for b in buffers:
-            if b is not None:
-                b.mul_(grad_loss)
-    return buffers
+    """The forward's gradients times the (scalar) incoming gradient, with the dense
+    op's rules (rcfast.ops.kernel_contract): when nothing can read the saved buffers
+    again they are scaled in place (no dW-sized temporary) or, for an incoming
+    gradient of exactly 1 on the CPU, handed over untouched."""
+    hand_over = _may_hand_over_buffers()
+    return [None if b is None else _apply_incoming_gradient(b, grad_loss, False, hand_over) for b in buffers]
 
 
 def _backward(ctx, grad_loss, _grad_hidden, _grad_weight, _grad_bias):
@@ -209,7 +196,7 @@ def _backward(ctx, grad_loss, _grad_hidden, _grad_weight, _grad_bias):
     result = [None] * 15
     if grad_loss is None or not any(needs):
         return tuple(result)
-    reduction_name = _REDUCTION_NAMES[ctx.reduction]
+    reduction_name = REDUCTION_NAMES[ctx.reduction]
 
     if torch.is_grad_enabled() and _plain_eager(grad_loss):
         # create_graph=True: a differentiable gradient, through the unfused reference.
