@@ -10,9 +10,11 @@ are imported on demand so that codebases using only the loss pay nothing for the
 """
 from rcfast.losses.kd import MultiHeadKDLoss
 from rcfast.ops.backends import available_backends
+from rcfast.ops.fused_linear_kd import fused_linear_multihead_kd_loss
 from rcfast.ops.multihead_kd import multihead_kd_loss
 from rcfast.ops.sparse_kd import sparse_multihead_kd_loss
 
 __version__ = "0.1.0"
 
-__all__ = ["MultiHeadKDLoss", "available_backends", "multihead_kd_loss", "sparse_multihead_kd_loss", "__version__"]
+__all__ = ["MultiHeadKDLoss", "available_backends", "fused_linear_multihead_kd_loss", "multihead_kd_loss",
+           "sparse_multihead_kd_loss", "__version__"]
