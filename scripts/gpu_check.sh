@@ -114,7 +114,7 @@ if [ ${#FAILED[@]} -eq 0 ]; then
     run "bench: dense loss (triton, cuda)" 150 "$PY" bench/bench_triton_gpu.py --quick --output "$OUT/kd_loss_gpu.md"
     for bench in bench_sparse_kd bench_fused_linear; do
       if [ -f "bench/$bench.py" ] && grep -q -- "--gpu" "bench/$bench.py"; then
-        run "bench: $bench" 120 "$PY" "bench/$bench.py" --gpu --quick --out "$OUT/$bench.md"
+        run "bench: $bench" 300 "$PY" "bench/$bench.py" --gpu --quick --out "$OUT/$bench.md"
       fi
     done
   fi
