@@ -20,8 +20,8 @@ from rcfast.ops.backends import resolve_backend
 from rcfast.ops.fused_linear_op import (
     fused_linear_multihead_kd, reference_fused_linear_loss, teacher_logits_of,
 )
-from rcfast.ops.kernel_contract import REDUCTION_CODES, check_temperature
-from rcfast.ops.multihead_kd import SUPPORTED_DTYPES, _check_weights, _head_tables, _per_head
+from rcfast.ops.kernel_contract import REDUCTION_CODES
+from rcfast.ops.multihead_kd import SUPPORTED_DTYPES, _head_tables, check_head_options
 
 __all__ = ["fused_linear_multihead_kd_loss"]
 
@@ -159,15 +159,7 @@ def fused_linear_multihead_kd_loss(
         raise ValueError("hidden has batch size 0: the loss needs at least one row")
     head_sizes = _head_sizes(splits, num_classes)
     num_heads = len(head_sizes)
-    temperatures = _per_head("temperature", temperature, num_heads, 4.0)
-    for tau in temperatures:
-        check_temperature(tau)
-    head_weights = _per_head("weights", weights, num_heads, 1.0)
-    _check_weights(head_weights)
-    if reduction not in REDUCTION_CODES:
-        raise ValueError(f"reduction must be one of {sorted(REDUCTION_CODES)}, got {reduction!r}")
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    temperatures, head_weights = check_head_options(num_heads, temperature, weights, reduction, backend)
     if max_chunk_logits is not None and (
             not isinstance(max_chunk_logits, int) or isinstance(max_chunk_logits, bool) or max_chunk_logits <= 0):
         raise ValueError(f"max_chunk_logits must be a positive int, got {max_chunk_logits!r}")

@@ -142,6 +142,24 @@ def _head_tables(head_sizes, temperatures, weights, device):
     return _cached_head_tables(head_sizes, temperatures, weights, device)
 
 
+def check_head_options(num_heads: int, temperature, weights, reduction: str, backend) -> tuple[tuple, tuple]:
+    """The per-head temperatures and weights of a fused KD call, checked, with its reduction and backend.
+
+    One home for the argument rules every fused KD loss shares (dense, top-k
+    teacher, fused linear): a ``ValueError``/``TypeError`` naming the argument.
+    """
+    temperatures = _per_head("temperature", temperature, num_heads, 4.0)
+    for tau in temperatures:
+        check_temperature(tau)
+    head_weights = _per_head("weights", weights, num_heads, 1.0)
+    _check_weights(head_weights)
+    if reduction not in REDUCTION_CODES:
+        raise ValueError(f"reduction must be one of {sorted(REDUCTION_CODES)}, got {reduction!r}")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    return temperatures, head_weights
+
+
 def multihead_kd_loss(
     student: Logits,
     teacher: Logits,
@@ -191,15 +209,7 @@ def multihead_kd_loss(
         raise ValueError(
             f"student and teacher must be on the same device, got {student_2d.device} and {teacher_2d.device}"
         )
-    temperatures = _per_head("temperature", temperature, num_heads, 4.0)
-    for tau in temperatures:
-        check_temperature(tau)
-    head_weights = _per_head("weights", weights, num_heads, 1.0)
-    _check_weights(head_weights)
-    if reduction not in REDUCTION_CODES:
-        raise ValueError(f"reduction must be one of {sorted(REDUCTION_CODES)}, got {reduction!r}")
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    temperatures, head_weights = check_head_options(num_heads, temperature, weights, reduction, backend)
 
     backend = resolve_backend(backend, student_2d.device)
     # Every backend reads one dtype: a teacher in another precision (e.g. an fp32

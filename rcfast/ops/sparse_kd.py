@@ -16,8 +16,8 @@ import torch
 from rcfast.ops.backends import (
     _assume_constant_result, _try_import, _warn_fallback_once, resolve_backend, unavailable_reason,
 )
-from rcfast.ops.kernel_contract import REDUCTION_CODES, check_temperature
-from rcfast.ops.multihead_kd import SUPPORTED_DTYPES, _check_weights, _head_tables, _per_head
+from rcfast.ops.kernel_contract import REDUCTION_CODES
+from rcfast.ops.multihead_kd import SUPPORTED_DTYPES, _head_tables, check_head_options
 from rcfast.ops.reference import reduce_row_losses
 from rcfast.ops.sparse_contract import INDEX_DTYPES
 from rcfast.ops.sparse_reference import check_sparse_teacher, sparse_reference_row_losses
@@ -177,15 +177,7 @@ def sparse_multihead_kd_loss(
         raise ValueError(
             f"student, teacher_values and teacher_indices must be on the same device, got {student.device}, "
             f"{teacher_values.device} and {teacher_indices.device}")
-    temperatures = _per_head("temperature", temperature, num_heads, 4.0)
-    for tau in temperatures:
-        check_temperature(tau)
-    head_weights = _per_head("weights", weights, num_heads, 1.0)
-    _check_weights(head_weights)
-    if reduction not in REDUCTION_CODES:
-        raise ValueError(f"reduction must be one of {sorted(REDUCTION_CODES)}, got {reduction!r}")
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    temperatures, head_weights = check_head_options(num_heads, temperature, weights, reduction, backend)
     if not isinstance(validate, bool):
         raise TypeError(f"validate must be a bool, got {type(validate).__name__}")
 
