@@ -15,7 +15,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from test_ddp import _env, _final
+from helpers.subprocesses import subprocess_env as _env
+from test_ddp import _final
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "helpers" / "train_run.py"

@@ -10,16 +10,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from helpers.subprocesses import sigkill_when
 from helpers.tiny_run import one_line_error, run_cli, tiny_run, write_config
 from rcfast import cli
 from rcfast.train import ConfigError, config_from_dict, config_to_dict
@@ -50,22 +49,8 @@ def _finish(proc: subprocess.Popen) -> str:
 
 def _kill_after(out: Path, hang_after: int, *extra: str) -> None:
     """Start a run, wait until it reports step ``hang_after``, then SIGKILL it."""
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--out", str(out), "--hang-after", str(hang_after),
-                             *extra], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    marker = out / "hung"
-    deadline = time.monotonic() + 240
-    while not marker.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"training run exited early:\n{proc.stderr.read().decode()[-3000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError("training run never reached the kill point")
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    proc.stdout.close()
-    proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_when(out / "hung", [sys.executable, str(SCRIPT), "--out", str(out), "--hang-after", str(hang_after), *extra],
+                 timeout_s=240)
 
 
 def _final_state(out: Path, step: int) -> dict:

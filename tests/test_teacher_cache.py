@@ -113,7 +113,7 @@ def test_dense_fp32_cache_reproduces_the_online_run_bitwise(tiny, tmp_path):
     root, data, caches = tiny
     assert caches["dense"]["index_dtype"] is None and caches["dense"]["value_dtype"] == "fp32"
     assert caches["dense"]["bytes_per_image"] == 4 * sum(SIZES)  # the packed logits, nothing else
-    online = _fit(_config(data), tmp_path / "online")
+    _fit(_config(data), tmp_path / "online")
     cached = _fit(_config(data, teacher_cache=str(root / "dense")), tmp_path / "cached")
     assert isinstance(cached.teachers, CachedTeachers) and cached.teachers.dense
     a = torch.load(tmp_path / "online" / "final.pt", weights_only=True)["model"]

@@ -2,11 +2,8 @@
 to bitwise the same weights, and DDP ranks read their own samples (two gloo processes match the online run)."""
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from helpers.cache_run import make_run, write_config
+from helpers.subprocesses import sigkill_when, subprocess_env as _env
 from rcfast.train import Consolidator, load_config
 from rcfast.train.teacher_cache import CacheError, build_teacher_cache
 
@@ -21,15 +19,6 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "helpers" / "cache_run.py"
 # The owner of the process applies these (cache_run.py calls apply_runtime): bitwise-reproducible CPU runs.
 DETERMINISTIC = ["--set", "train.deterministic=true", "--set", "train.num_threads=1"]
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    return env
 
 
 def _run(*args: str, torchrun: bool = False) -> str:
@@ -42,21 +31,7 @@ def _run(*args: str, torchrun: bool = False) -> str:
 
 def _kill_when(marker: Path, *args: str) -> None:
     """Start cache_run.py, wait for it to write ``marker`` (it then sleeps), SIGKILL it."""
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while not marker.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"the process exited early:\n{proc.stderr.read().decode()[-3000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError("the process never reached the kill point")
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    proc.stdout.close()
-    proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_when(marker, [sys.executable, str(SCRIPT), *args])
 
 
 def _files(root: Path) -> dict[str, bytes]:

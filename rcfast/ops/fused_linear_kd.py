@@ -12,7 +12,7 @@ argument), the teacher's forms, autocast, and the choice of backend.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 
