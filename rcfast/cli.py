@@ -450,8 +450,9 @@ def _one_line_warnings(message, category, filename, lineno, file=None, line=None
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``rcfast`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    # This process is the command's own: its warnings print as one line each, like its errors.
-    warnings.formatwarning = _one_line_warnings
+    # The command's warnings print as one line each, like its errors; restored on return, so that
+    # a caller running main() in its own process (a test, a notebook) gets its format back.
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warnings
     try:
         require(f"rcfast {args.command}", *COMMAND_NEEDS.get(args.command, ()))
         return COMMANDS[args.command](args)
@@ -462,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
         text = exc.strerror if isinstance(exc, OSError) and exc.filename is None and exc.strerror else str(exc)
         print(f"rcfast: error: {' '.join(text.split()) or type(exc).__name__}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 def _reported(exc: BaseException) -> bool:

@@ -556,3 +556,12 @@ def test_every_subcommand_declares_the_extras_it_needs():
 
     subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert set(subparsers.choices) == set(COMMANDS) == set(COMMAND_NEEDS)
+
+
+def test_main_gives_the_warning_format_back_to_its_caller(capsys):
+    import warnings
+
+    before = warnings.formatwarning
+    assert cli.main(["rank-teachers", "--repo", "/nonexistent-repo", "--target", "/nonexistent-target"]) == 2
+    assert warnings.formatwarning is before
+    assert capsys.readouterr().err.startswith("rcfast: error:")
