@@ -41,9 +41,11 @@ Finished batches wait in a queue of `prefetch` batches. Fractional windows
 
 from __future__ import annotations
 
+import atexit
 import collections
 import queue
 import threading
+import time
 import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -164,6 +166,7 @@ class _Engine:
             self.stop = threading.Event()
             self._thread = threading.Thread(target=self._produce, name="rcfast-dali-producer", daemon=True)
             self._thread.start()
+            _LIVE_ENGINES.add(self)
 
     # ------------------------------------------------------------- producing
     def step(self):
@@ -241,17 +244,37 @@ class _Engine:
         else:
             self.pipe = None
 
-    def close(self) -> None:
-        """Stop the producer thread and free the pipeline (threads, buffers) now, waiting for it."""
+    def close(self, timeout_s: float | None = None) -> None:
+        """Stop the producer thread and free the pipeline (threads, buffers) now, waiting for it
+        (at most ``timeout_s`` seconds when given)."""
         self.stop_soon()
         if self._thread is not None:
+            deadline = None if timeout_s is None else time.monotonic() + timeout_s
             while self._thread.is_alive():
+                if deadline is not None and time.monotonic() > deadline:
+                    return  # still running: leave it to the interpreter (the caller asked for a bound)
                 try:  # unblock a producer waiting to put
                     self.done.get(timeout=0.1)
                 except queue.Empty:
                     pass
             self._thread.join()
             self._thread = None
+
+
+# Engines whose producer thread may still run. A dataset dropped without close() only asks its
+# producer to stop (a finalizer must not join: it can run inside a garbage collection holding any
+# lock). At interpreter exit that is not enough: a daemon producer still tearing its DALI pipeline
+# down while the interpreter and the C++ runtime finalise can abort the process ("terminate called
+# without an active exception"). So at exit -- in the main thread, before DALI's own atexit
+# shutdown, which was registered earlier and so runs later -- every live engine is closed and its
+# thread joined.
+_LIVE_ENGINES: "weakref.WeakSet[_Engine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_engines_at_exit() -> None:
+    for engine in list(_LIVE_ENGINES):
+        engine.close(timeout_s=30.0)
 
 
 def _to_torch(tensor_list, device: torch.device, dtype: torch.dtype, stream) -> torch.Tensor:
