@@ -21,27 +21,17 @@ from rcfast.ops.fused_linear_op import (
     fused_linear_multihead_kd, reference_fused_linear_loss, teacher_logits_of,
 )
 from rcfast.ops.kernel_contract import REDUCTION_CODES
-from rcfast.ops.multihead_kd import SUPPORTED_DTYPES, _head_tables, check_head_options
+from rcfast.ops.multihead_kd import _head_tables, check_floating, check_head_options, check_splits
 
 __all__ = ["fused_linear_multihead_kd_loss"]
 
 Teacher = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
-def _check_float(name: str, tensor, dims: int, shape_doc: str) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} must be a floating tensor (float32, float16, bfloat16 or float64), "
-                        f"got {tensor.dtype}")
-    if tensor.dim() != dims:
-        raise ValueError(f"{name} must be {dims}-D {shape_doc}, got shape {tuple(tensor.shape)}")
-
-
 def _check_linear(prefix: str, hidden, weight, bias) -> None:
     """``{prefix}hidden [B, D]``, ``{prefix}weight [N, D]``, ``{prefix}bias [N]``: shapes and one dtype."""
-    _check_float(f"{prefix}hidden", hidden, 2, "[batch, features]")
-    _check_float(f"{prefix}weight", weight, 2, "[classes, features]")
+    check_floating(f"{prefix}hidden", hidden, 2, "[batch, features]")
+    check_floating(f"{prefix}weight", weight, 2, "[classes, features]")
     if weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"{prefix}weight has {weight.shape[1]} features (columns) but {prefix}hidden has "
                          f"{hidden.shape[1]}: {prefix}weight must be [classes, {hidden.shape[1]}]")
@@ -51,7 +41,7 @@ def _check_linear(prefix: str, hidden, weight, bias) -> None:
         raise TypeError(f"{prefix}weight is {weight.dtype} but {prefix}hidden is {hidden.dtype}: mixing them "
                         "would silently upcast the product; cast one of them (or run under torch.autocast)")
     if bias is not None:
-        _check_float(f"{prefix}bias", bias, 1, "[classes]")
+        check_floating(f"{prefix}bias", bias, 1, "[classes]")
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"{prefix}bias has {bias.shape[0]} entries but {prefix}weight has "
                              f"{weight.shape[0]} rows (classes)")
@@ -67,7 +57,7 @@ def _check_linear(prefix: str, hidden, weight, bias) -> None:
 def _teacher_parts(teacher: Teacher, batch: int, num_classes: int, device: torch.device):
     """``(teacher_logits, teacher_hidden, teacher_weight, teacher_bias)``, detached, one form filled."""
     if isinstance(teacher, torch.Tensor):
-        _check_float("teacher", teacher, 2, "[batch, classes] logits")
+        check_floating("teacher", teacher, 2, "[batch, classes] logits")
         if teacher.shape != (batch, num_classes):
             raise ValueError(f"teacher logits must be [{batch}, {num_classes}] (hidden's rows, weight's "
                              f"rows), got {tuple(teacher.shape)}")
@@ -91,19 +81,6 @@ def _teacher_parts(teacher: Teacher, batch: int, num_classes: int, device: torch
         raise ValueError(f"teacher_hidden must be on hidden's device {device}, got {t_hidden.device}")
     return None, t_hidden.detach(), t_weight.detach(), None if t_bias is None else t_bias.detach()
 
-
-def _head_sizes(splits, num_classes: int) -> list[int]:
-    if splits is None:
-        return [num_classes]
-    if isinstance(splits, (int, torch.Tensor)) or not all(
-            isinstance(c, int) and not isinstance(c, bool) for c in splits):
-        raise TypeError(f"splits must be a sequence of ints, got {splits!r}")
-    sizes = list(splits)
-    if not sizes or any(c <= 0 for c in sizes):
-        raise ValueError(f"splits must be a non-empty list of positive class counts, got {splits!r}")
-    if sum(sizes) != num_classes:
-        raise ValueError(f"splits {sizes} sum to {sum(sizes)} but weight has {num_classes} rows (classes)")
-    return sizes
 
 
 def fused_linear_multihead_kd_loss(
@@ -157,7 +134,7 @@ def fused_linear_multihead_kd_loss(
     batch, num_classes = hidden.shape[0], weight.shape[0]
     if batch == 0:
         raise ValueError("hidden has batch size 0: the loss needs at least one row")
-    head_sizes = _head_sizes(splits, num_classes)
+    head_sizes = list(check_splits(splits, num_classes, "weight has {total} rows (classes)"))
     num_heads = len(head_sizes)
     temperatures, head_weights = check_head_options(num_heads, temperature, weights, reduction, backend)
     if max_chunk_logits is not None and (

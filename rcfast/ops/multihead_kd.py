@@ -23,15 +23,39 @@ Logits = Union[torch.Tensor, Sequence[torch.Tensor]]
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _check_tensor(name: str, tensor) -> None:
+def check_floating(name: str, tensor, dims: int = 2, layout: str = "[batch, classes]",
+                   expected: str = "a torch.Tensor") -> None:
+    """``tensor`` is a floating tensor of ``dims`` dimensions; else a TypeError/ValueError naming ``name``.
+
+    Shared by the fused KD front ends (dense, top-k teacher, fused linear)."""
     if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor (or a list of them), got {type(tensor).__name__}")
+        raise TypeError(f"{name} must be {expected}, got {type(tensor).__name__}")
     if tensor.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"{name} must be a floating tensor (float32, float16, bfloat16 or float64), got {tensor.dtype}"
         )
-    if tensor.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [batch, classes], got shape {tuple(tensor.shape)}")
+    if tensor.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D {layout}, got shape {tuple(tensor.shape)}")
+
+
+def check_splits(splits, total: int, total_is: str) -> tuple[int, ...]:
+    """Head sizes from ``splits`` (``None``: one head of ``total``), checked to sum to ``total``.
+
+    ``total_is`` completes the error "splits [...] sum to S but ...", a template formatted with
+    ``total`` only on error (so a symbolic size under ``torch.compile`` is never turned into text).
+    """
+    if splits is None:
+        return (total,)
+    if isinstance(splits, (int, torch.Tensor)) or not all(
+        isinstance(c, int) and not isinstance(c, bool) for c in splits
+    ):
+        raise TypeError(f"splits must be a sequence of ints, got {splits!r}")
+    head_sizes = tuple(splits)
+    if len(head_sizes) == 0 or any(c <= 0 for c in head_sizes):
+        raise ValueError(f"splits must be a non-empty list of positive class counts, got {splits!r}")
+    if sum(head_sizes) != total:
+        raise ValueError(f"splits {list(head_sizes)} sum to {sum(head_sizes)} but {total_is.format(total=total)}")
+    return head_sizes
 
 
 def _as_heads(student: Logits, teacher: Logits, splits):
@@ -39,28 +63,14 @@ def _as_heads(student: Logits, teacher: Logits, splits):
     if isinstance(student, torch.Tensor) != isinstance(teacher, torch.Tensor):
         raise TypeError("student and teacher must both be tensors or both be lists of tensors")
     if isinstance(student, torch.Tensor):
-        _check_tensor("student", student)
-        _check_tensor("teacher", teacher)
+        check_floating("student", student, expected="a torch.Tensor (or a list of them)")
+        check_floating("teacher", teacher, expected="a torch.Tensor (or a list of them)")
         if student.shape != teacher.shape:
             raise ValueError(
                 f"student and teacher must have the same shape, got {tuple(student.shape)} "
                 f"and {tuple(teacher.shape)}"
             )
-        if splits is None:
-            head_sizes = (student.shape[1],)
-        else:
-            if isinstance(splits, (int, torch.Tensor)) or not all(
-                isinstance(c, int) and not isinstance(c, bool) for c in splits
-            ):
-                raise TypeError(f"splits must be a sequence of ints, got {splits!r}")
-            head_sizes = tuple(splits)
-            if len(head_sizes) == 0 or any(c <= 0 for c in head_sizes):
-                raise ValueError(f"splits must be a non-empty list of positive class counts, got {splits!r}")
-            if sum(head_sizes) != student.shape[1]:
-                raise ValueError(
-                    f"splits {list(head_sizes)} sum to {sum(head_sizes)} but the logits have "
-                    f"{student.shape[1]} columns"
-                )
+        head_sizes = check_splits(splits, student.shape[1], "the logits have {total} columns")
         return student, teacher, head_sizes
 
     if not isinstance(student, (list, tuple)) or not isinstance(teacher, (list, tuple)):
@@ -71,8 +81,8 @@ def _as_heads(student: Logits, teacher: Logits, splits):
             f"and {len(teacher)}"
         )
     for h, (s, t) in enumerate(zip(student, teacher)):
-        _check_tensor(f"student[{h}]", s)
-        _check_tensor(f"teacher[{h}]", t)
+        check_floating(f"student[{h}]", s, expected="a torch.Tensor (or a list of them)")
+        check_floating(f"teacher[{h}]", t, expected="a torch.Tensor (or a list of them)")
         if s.shape != t.shape:
             raise ValueError(f"student[{h}] and teacher[{h}] shapes differ: {tuple(s.shape)} vs {tuple(t.shape)}")
         if s.shape[0] != student[0].shape[0]:

@@ -17,7 +17,7 @@ from rcfast.ops.backends import (
     _assume_constant_result, _try_import, _warn_fallback_once, resolve_backend, unavailable_reason,
 )
 from rcfast.ops.kernel_contract import REDUCTION_CODES
-from rcfast.ops.multihead_kd import SUPPORTED_DTYPES, _head_tables, check_head_options
+from rcfast.ops.multihead_kd import _head_tables, check_floating, check_head_options, check_splits
 from rcfast.ops.reference import reduce_row_losses
 from rcfast.ops.sparse_contract import INDEX_DTYPES
 from rcfast.ops.sparse_reference import check_sparse_teacher, sparse_reference_row_losses
@@ -77,30 +77,6 @@ def sparse_kernel_op(backend: str):
     return getattr(torch.ops.rcfast, op_name).default
 
 
-def _check_floating(name: str, tensor, dims: int, layout: str) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} must be a floating tensor (float32, float16, bfloat16 or float64), "
-                        f"got {tensor.dtype}")
-    if tensor.dim() != dims:
-        raise ValueError(f"{name} must be {dims}-D {layout}, got shape {tuple(tensor.shape)}")
-
-
-def _head_sizes(splits, num_cols: int) -> tuple[int, ...]:
-    if splits is None:
-        return (num_cols,)
-    if isinstance(splits, (int, torch.Tensor)) or not all(
-            isinstance(c, int) and not isinstance(c, bool) for c in splits):
-        raise TypeError(f"splits must be a sequence of ints, got {splits!r}")
-    head_sizes = tuple(splits)
-    if len(head_sizes) == 0 or any(c <= 0 for c in head_sizes):
-        raise ValueError(f"splits must be a non-empty list of positive class counts, got {splits!r}")
-    if sum(head_sizes) != num_cols:
-        raise ValueError(f"splits {list(head_sizes)} sum to {sum(head_sizes)} but student has "
-                         f"{num_cols} columns")
-    return head_sizes
-
 
 def sparse_multihead_kd_loss(
     student: torch.Tensor,
@@ -153,13 +129,13 @@ def sparse_multihead_kd_loss(
         in a student head or a teacher value gives NaN for that head; a head of
         weight 0 adds exactly 0.
     """
-    _check_floating("student", student, 2, "[batch, classes]")
-    _check_floating("teacher_values", teacher_values, 3, "[batch, heads, k]")
+    check_floating("student", student, 2, "[batch, classes]")
+    check_floating("teacher_values", teacher_values, 3, "[batch, heads, k]")
     if not isinstance(teacher_indices, torch.Tensor):
         raise TypeError(f"teacher_indices must be a torch.Tensor, got {type(teacher_indices).__name__}")
     if teacher_indices.dtype not in INDEX_DTYPES:
         raise TypeError(f"teacher_indices must be int32 or int64, got {teacher_indices.dtype}")
-    head_sizes = _head_sizes(splits, student.shape[1])
+    head_sizes = check_splits(splits, student.shape[1], "student has {total} columns")
     num_heads = len(head_sizes)
     batch = student.shape[0]
     if batch == 0:
