@@ -53,13 +53,15 @@ def kd_loss_tolerance() -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["kd", "term-parameters"])
+@pytest.mark.parametrize("variant", ["kd", "term-parameters", "fused-linear"])
 def test_two_process_gloo_run_matches_single_process(tmp_path, variant):
     # GroupNorm: per-sample normalisation, so splitting the batch over ranks changes
     # nothing but the order of floating-point sums.
     args = ["--steps", "6", "--checkpoint-every", "3", "--norm", "group"]
     if variant == "term-parameters":
         args.append("--probe-term")  # an objective term with its own parameters, DDP-wrapped
+    if variant == "fused-linear":
+        args.append("--fused-linear")  # the heads' parameters are used outside DDP's forward (features only)
     single = subprocess.Popen([sys.executable, str(SCRIPT), "--out", str(tmp_path / "single"),
                                "--batch-size", str(GLOBAL_BATCH), *args], env=_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)

@@ -419,3 +419,75 @@ def test_a_teacher_source_gets_each_batch_position_once_per_step(tmp_path):
     trainer.fit()
     assert source.requests == [("proxy", step, ("task", "generalist"), position)
                                for step, position in enumerate([(0, 0), (0, 1), (0, 2), (1, 0)])]
+
+
+# --------------------------------------------------------------------------- multihead_kd with the head fused in
+def _head_calls(trainer) -> list:
+    """Count the student's packed-head forwards (a hook on ``heads``)."""
+    calls = []
+    trainer.student.heads.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    return calls
+
+
+@pytest.mark.parametrize("extra_terms", [[], [{"term": "cross_entropy", "head": "task", "weight": 0.1}]],
+                         ids=["kd-only", "with-a-logits-term"])
+def test_fused_linear_kd_trains_as_the_unfused_term_without_making_logits(tmp_path, extra_terms):
+    kd = {"term": "multihead_kd", "temperature": {"task": 2.0, "generalist": 3.0},
+          "head_weights": {"task": 1.0, "generalist": 0.5}}
+    runs = {}
+    for fused in (False, True):
+        trainer = _trainer(tmp_path / str(fused), [{**kd, "fused_linear": fused}] + extra_terms, steps=3)
+        calls = _head_calls(trainer)
+        trainer.fit()
+        # Alone, the fused term makes no logits at all: the student's forward stops at the backbone.
+        assert len(calls) == (0 if fused and not extra_terms else 3), calls
+        runs[fused] = (trainer.student.state_dict(), read_metrics(tmp_path / str(fused) / "run" / "metrics.jsonl"))
+    (plain, plain_log), (fused, fused_log) = runs[False], runs[True]
+    # The same loss and the same updates, up to float32 rounding of the chunked GEMMs.
+    for key, value in plain.items():
+        torch.testing.assert_close(fused[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    for a, b in zip(plain_log, fused_log):
+        assert b["terms"]["multihead_kd"] == pytest.approx(a["terms"]["multihead_kd"], rel=1e-4)
+        for head in ("task", "generalist"):  # per-head parts are logged the same way
+            assert b["parts"]["multihead_kd"][head] == pytest.approx(a["parts"]["multihead_kd"][head], rel=1e-4)
+
+
+def test_fused_linear_kd_reads_the_rows_of_the_distilled_heads_only(tmp_path):
+    # Heads in another order than the student's (a concatenation of the head's rows) and a subset.
+    for heads in (["generalist", "task"], ["generalist"]):
+        objective = [{"term": "multihead_kd", "heads": heads, "fused_linear": True, "name": "fused"}]
+        if heads == ["generalist"]:  # every teacher must be used: the other one by a plain term
+            objective.append({"term": "multihead_kd", "heads": ["task"], "name": "plain"})
+        trainer = _trainer(tmp_path / "-".join(heads), objective, steps=1)
+        term = trainer.objective.terms["fused"]
+        step = trainer.inputs.compute({"proxy": next(iter(trainer.streams["proxy"].dataset))}, 0)
+        features = step[term.features_key]
+        weight, bias = step[term.student_key]
+        rows = trainer.student.head_slices()
+        expected_w = torch.cat([trainer.student.heads.weight[rows[h]] for h in heads])
+        torch.testing.assert_close(weight, expected_w, rtol=0, atol=0)
+        logits = features @ weight.T + bias
+        expected = multihead_kd_loss(logits, step[term.teacher_key], splits=[trainer.student.splits[
+            trainer.student.head_names.index(h)] for h in heads], temperature=4.0, backend="reference")
+        torch.testing.assert_close(term(step), expected, rtol=1e-5, atol=1e-6)
+        term(step).backward()  # gradients reach the student's packed head through the selection
+        assert trainer.student.heads.weight.grad is not None and trainer.student.heads.weight.grad.abs().sum() > 0
+
+
+def test_fused_linear_kd_under_bf16_autocast_takes_the_features_dtype(tmp_path):
+    trainer = _trainer(tmp_path, [{"term": "multihead_kd", "fused_linear": True}], steps=2)
+    trainer2 = _trainer(tmp_path / "b", [{"term": "multihead_kd"}], steps=2)
+    for t in (trainer, trainer2):
+        t.train_cfg.precision = "bf16"
+        t.amp_dtype = torch.bfloat16
+    loss_fused, _, _, step = trainer.train_step()
+    loss_plain, *_ = trainer2.train_step()
+    assert step[trainer.objective.terms["multihead_kd"].features_key].dtype == torch.bfloat16
+    assert trainer.student.heads.weight.dtype == torch.float32 and trainer.student.heads.weight.grad.dtype == torch.float32
+    # bf16 logits: agreement to bf16's precision
+    assert loss_fused.item() == pytest.approx(loss_plain.item(), rel=2e-2)
+
+
+def test_fused_linear_option_is_checked(tmp_path):
+    with pytest.raises(ConfigError, match=r"fused_linear must be true or false, got 'yes'"):
+        Objective.from_specs([{"term": "multihead_kd", "fused_linear": "yes"}])

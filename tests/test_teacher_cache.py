@@ -309,6 +309,12 @@ def test_terms_a_top_k_cache_cannot_serve_are_refused_before_training(tiny, tmp_
         config.train.out_dir = str(tmp_path / teacher)
         with pytest.raises(ConfigError, match=rf"dense logits of teachers \['{teacher}'\].*top 8 only"):
             Consolidator.from_config(config)
+    # multihead_kd with its head fused in takes dense teacher logits only
+    config = _config(data, teacher_cache=str(root / "top8"),
+                     objective=[{**data["objective"][0], "fused_linear": True}] + data["objective"][1:])
+    config.train.out_dir = str(tmp_path / "fused")
+    with pytest.raises(ConfigError, match=r"dense logits of teachers \['small', 'wide'\].*top 8 only"):
+        Consolidator.from_config(config)
     # a dense cache serves it
     config = _config(data, teacher_cache=str(root / "dense"),
                      objective=data["objective"] + [{"term": "regression_probe", "teacher": "wide"}])

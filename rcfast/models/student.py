@@ -85,9 +85,17 @@ class MultiHeadStudent(nn.Module):
             )
         return feats
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Packed logits ``[B, sum(C_h)]`` of all heads (one GEMM)."""
-        return self.heads(self.features(images))
+    def forward(self, images: torch.Tensor, with_heads: bool = True) -> torch.Tensor:
+        """Packed logits ``[B, sum(C_h)]`` of all heads (one GEMM).
+
+        ``with_heads=False``: the backbone's features ``[B, feature_dim]`` only,
+        for a loss that applies the packed head itself
+        (:func:`rcfast.fused_linear_multihead_kd_loss` with ``self.heads``). A
+        keyword of ``forward`` rather than a separate method, so that it also
+        goes through a ``DistributedDataParallel`` wrapper.
+        """
+        features = self.features(images)
+        return self.heads(features) if with_heads else features
 
     def head_logits(self, packed: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split packed logits into ``{head_name: [B, C_h]}`` views (no copies)."""

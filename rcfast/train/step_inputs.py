@@ -5,7 +5,9 @@ From the declared keys the plan knows, before training starts:
 - which data streams to draw a batch from (in the run's stream order);
 - which streams the student runs on -- one forward over their images
   concatenated in that order (every head's GEMM stays one packed GEMM), with
-  forward hooks on the declared student layers;
+  forward hooks on the declared student layers; when terms apply the packed head
+  themselves (:class:`StudentHeadLinear`) and none reads the logits, the
+  forward stops at the backbone and no logits are made;
 - per stream, which teachers run (ordered by first request, so a term asking for
   all of them in its own order reads the packed buffer without a copy) and which
   of their layers to capture.
@@ -24,8 +26,8 @@ import torch
 from torch import nn
 
 from rcfast.train.hooks import LayerCapture
-from rcfast.train.objectives.inputs import (Images, InputKey, Labels, StepInputs, StudentLayer, StudentLogits,
-                                            TeacherLayer, TeacherLogits)
+from rcfast.train.objectives.inputs import (Images, InputKey, Labels, StepInputs, StudentHeadLinear, StudentLayer,
+                                            StudentLogits, TeacherLayer, TeacherLogits)
 from rcfast.train.sparse_teacher import SparseTeacherLogits
 from rcfast.train.teachers import TeacherRequest, TeacherSource
 
@@ -33,8 +35,8 @@ __all__ = ["InputPlan", "select_columns"]
 
 
 def select_columns(packed: torch.Tensor, order: Sequence[str], sizes: Mapping[str, int],
-                   wanted: Sequence[str]) -> torch.Tensor:
-    """The columns of ``wanted`` blocks from ``packed`` (blocks ``order`` of ``sizes`` side by side).
+                   wanted: Sequence[str], dim: int = 1) -> torch.Tensor:
+    """The ``wanted`` blocks of ``packed`` along ``dim`` (blocks ``order`` of ``sizes`` side by side).
 
     All blocks in order: ``packed`` itself; a contiguous run: a view; otherwise
     one concatenation.
@@ -49,8 +51,8 @@ def select_columns(packed: torch.Tensor, order: Sequence[str], sizes: Mapping[st
     index = [list(order).index(name) for name in wanted]
     if index == list(range(index[0], index[0] + len(index))):
         begin = offsets[wanted[0]]
-        return packed.narrow(1, begin, sum(sizes[n] for n in wanted))
-    return torch.cat([packed.narrow(1, offsets[n], sizes[n]) for n in wanted], dim=1)
+        return packed.narrow(dim, begin, sum(sizes[n] for n in wanted))
+    return torch.cat([packed.narrow(dim, offsets[n], sizes[n]) for n in wanted], dim=dim)
 
 
 def _split_batch(batch, stream: str):
@@ -84,7 +86,14 @@ class InputPlan:
         self.keys = list(keys)
         used = {k.stream for k in self.keys}
         self.streams = [s for s in stream_order if s in used]
-        student_keys = [k for k in self.keys if isinstance(k, (StudentLogits, StudentLayer))]
+        student_keys = [k for k in self.keys if isinstance(k, (StudentLogits, StudentLayer, StudentHeadLinear))]
+        head_linear = any(isinstance(k, StudentHeadLinear) for k in self.keys)
+        if head_linear and not isinstance(getattr(student, "heads", None), nn.Linear):
+            raise TypeError("an objective term applies the student's packed head itself (StudentHeadLinear), but "
+                            f"the student ({type(student).__name__}) has no nn.Linear 'heads' layer; use "
+                            "rcfast.models.MultiHeadStudent")
+        #: no term reads logits: the student's forward stops at the backbone (``with_heads=False``)
+        self.features_only = head_linear and not any(isinstance(k, StudentLogits) for k in self.keys)
         self.student_streams = [s for s in self.streams if any(k.stream == s for k in student_keys)]
         self.student_layers = tuple(dict.fromkeys(k.layer for k in self.keys if isinstance(k, StudentLayer)))
         self.teacher_plan: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, ...]]]] = {}
@@ -149,7 +158,10 @@ class InputPlan:
             else:
                 x = torch.cat([images[s] for s in self.student_streams])
             with LayerCapture(self.student, self.student_layers, owner="the student") as captured, self.autocast():
-                student_logits = self.model(x)
+                if self.features_only:
+                    self.model(x, with_heads=False)  # the terms read the backbone layer's capture
+                else:
+                    student_logits = self.model(x)
             student_layers = dict(captured)
         total_rows = sum(n for _, n in rows.values())
 
@@ -171,6 +183,12 @@ class InputPlan:
                                              self.head_sizes, key.heads)
             elif isinstance(key, StudentLayer):
                 values[key] = stream_rows(student_layers[key.layer], key.stream)
+            elif isinstance(key, StudentHeadLinear):
+                head = self.student.heads
+                weight = select_columns(head.weight, list(self.head_sizes), self.head_sizes, key.heads, dim=0)
+                bias = (None if head.bias is None else
+                        select_columns(head.bias, list(self.head_sizes), self.head_sizes, key.heads, dim=0))
+                values[key] = (weight, bias)
             elif isinstance(key, TeacherLogits):
                 order = self.teacher_plan[key.stream][0]
                 logits = teacher_logits[key.stream]

@@ -7,7 +7,9 @@ trains a tiny student from two seeded random teachers on in-memory images
 step N and then sleep, so a test can ``SIGKILL`` it at a known point. Under
 ``torchrun`` it runs DDP (gloo; NCCL with ``--device cuda``) with ``--batch-size`` images per rank.
 ``--probe-term`` adds the test term ``regression_probe`` (trainable parameters
-of its own) to the objective. ``--stop-rank R --stop-after N --stop-how
+of its own) to the objective; ``--fused-linear`` distils with ``multihead_kd``'s
+``fused_linear: true`` (the student's packed head fused into the loss).
+``--stop-rank R --stop-after N --stop-how
 exit|hang`` makes rank R leave (``os._exit(0)``) or hang after step N, for the
 DDP timeout test; ``--dist-timeout S`` sets ``train.dist_timeout_s``. As the owner of its process, the script applies
 the run-wide settings itself (``apply_runtime``).
@@ -44,6 +46,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cuda: the GPU tests (NCCL under torchrun)")
     parser.add_argument("--loss-backend", default="auto")
     parser.add_argument("--probe-term", action="store_true")
+    parser.add_argument("--fused-linear", action="store_true")
     parser.add_argument("--stop-rank", type=int, default=None)
     parser.add_argument("--stop-after", type=int, default=2)
     parser.add_argument("--stop-how", choices=("exit", "hang"), default="hang")
@@ -74,7 +77,7 @@ def main() -> None:
         data = TensorProxy(images, batch_size=args.batch_size, seed=3)
     optim = OptimConfig(lr=0.01, warmup_steps=2, clip_grad_norm=1.0)
     objective = [{"term": "multihead_kd", "temperature": {"task": 2.0, "generalist": 4.0},
-                  "head_weights": {"task": 1.0, "generalist": 0.5}}]
+                  "head_weights": {"task": 1.0, "generalist": 0.5}, "fused_linear": args.fused_linear}]
     if args.probe_term:
         objective.append({"term": "regression_probe", "teacher": "generalist", "weight": 0.1})
     trainer = Consolidator(student, objective, data, teachers=teachers, train=train, optim=optim,

@@ -7,8 +7,9 @@ terms (a new term = its module + one line here). See ``docs/extending.md``.
 """
 from rcfast.train.objectives.base import (ModelsUnavailable, RunLayout, StreamInfo, Term, TermSetup,
                                           available_terms, register_term, term_class)
-from rcfast.train.objectives.inputs import (STUDENT_FEATURES, Images, InputKey, Labels, StepInputs, StudentLayer,
-                                            StudentLogits, TeacherLayer, TeacherLogits)
+from rcfast.train.objectives.inputs import (STUDENT_FEATURES, Images, InputKey, Labels, StepInputs,
+                                            StudentHeadLinear, StudentLayer, StudentLogits, TeacherLayer,
+                                            TeacherLogits)
 from rcfast.train.objectives.objective import Objective
 
 # The built-in terms: importing a module registers its term.
@@ -23,5 +24,5 @@ from rcfast.train.objectives import mutual_learning  # noqa: E402,F401  (mutual_
 __all__ = [
     "Objective", "Term", "TermSetup", "RunLayout", "StreamInfo", "ModelsUnavailable", "register_term",
     "term_class", "available_terms", "InputKey", "Images", "Labels", "StudentLogits", "StudentLayer",
-    "TeacherLogits", "TeacherLayer", "StepInputs", "STUDENT_FEATURES",
+    "StudentHeadLinear", "TeacherLogits", "TeacherLayer", "StepInputs", "STUDENT_FEATURES",
 ]

@@ -29,8 +29,8 @@ from torch import nn
 
 from rcfast.train.config import PROXY_STREAM, ConfigError
 from rcfast.train.hooks import LayerCapture, unknown_layer_message
-from rcfast.train.objectives.inputs import (InputKey, Labels, StepInputs, StudentLayer, StudentLogits, TeacherLayer,
-                                            TeacherLogits)
+from rcfast.train.objectives.inputs import (InputKey, Labels, StepInputs, StudentHeadLinear, StudentLayer,
+                                            StudentLogits, TeacherLayer, TeacherLogits)
 
 __all__ = ["Term", "TermSetup", "RunLayout", "StreamInfo", "ModelsUnavailable", "register_term", "term_class",
            "available_terms"]
@@ -194,9 +194,9 @@ class TermSetup:
         if isinstance(key, Labels) and not self.layout.streams[key.stream].labels:
             hint = "set data.labels: true" if key.stream == PROXY_STREAM else "its dataset must yield labels"
             raise self.error(f"needs labels from the data stream {key.stream!r}, which yields none ({hint})")
-        if isinstance(key, StudentLogits):
+        if isinstance(key, (StudentLogits, StudentHeadLinear)):
             if not key.heads:
-                raise self.error("StudentLogits needs at least one head")
+                raise self.error(f"{type(key).__name__} needs at least one head")
             for head in key.heads:
                 self.head(head, option="heads")
             if len(set(key.heads)) != len(key.heads):

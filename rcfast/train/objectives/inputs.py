@@ -22,8 +22,8 @@ from typing import Mapping
 
 import torch
 
-__all__ = ["InputKey", "Images", "Labels", "StudentLogits", "StudentLayer", "TeacherLogits", "TeacherLayer",
-           "StepInputs", "STUDENT_FEATURES"]
+__all__ = ["InputKey", "Images", "Labels", "StudentLogits", "StudentLayer", "StudentHeadLinear", "TeacherLogits",
+           "TeacherLayer", "StepInputs", "STUDENT_FEATURES"]
 
 STUDENT_FEATURES = "backbone"
 """The layer name of the student's backbone output (``[B, feature_dim]``): ``StudentLayer(stream, "backbone")``."""
@@ -72,6 +72,25 @@ class StudentLayer(InputKey):
     """
 
     layer: str
+
+
+@dataclass(frozen=True)
+class StudentHeadLinear(InputKey):
+    """The rows of ``heads`` (in this order) of the student's packed head layer: ``(weight, bias)``.
+
+    ``weight [sum(C_h), feature_dim]`` and ``bias [sum(C_h)]`` (or ``None``) are
+    the student's parameters themselves (a view, or one concatenation when the
+    heads are not side by side), so gradients reach them. A term declaring this
+    applies the heads itself to ``StudentLayer(stream, "backbone")`` (e.g. with
+    :func:`rcfast.fused_linear_multihead_kd_loss`); when no term of the run
+    reads the student's logits, the student's forward then stops at the
+    backbone (``student(x, with_heads=False)``) and no logits are made.
+    """
+
+    heads: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "heads", tuple(self.heads))
 
 
 @dataclass(frozen=True)

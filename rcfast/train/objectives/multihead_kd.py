@@ -9,6 +9,12 @@ Options (YAML ``{term: multihead_kd, ...}``):
 - ``head_weights``: one float >= 0 or ``{head: float}`` (default 1.0), inside the
   term (the entry's ``weight`` scales the whole term).
 - ``data``: the data stream (default ``proxy``).
+- ``fused_linear``: ``true`` to fuse the student's packed head into the loss
+  (:func:`rcfast.fused_linear_multihead_kd_loss`): the term reads the
+  backbone's features and the head's weight and bias, and when no other term
+  reads the student's logits they are never made (nor their gradient) -- for
+  heads of tens of thousands of classes. Same loss up to float rounding; dense
+  teacher logits only (not a top-k teacher cache). Default ``false``.
 
 Loss: :func:`rcfast.multihead_kd_loss` with ``reduction="batchmean"`` on the
 run's ``train.loss_backend``; per-head values are logged as parts. The
@@ -24,10 +30,12 @@ from typing import Mapping
 
 import torch
 
+from rcfast.ops.fused_linear_kd import fused_linear_multihead_kd_loss
 from rcfast.ops.multihead_kd import multihead_kd_loss
 from rcfast.ops.sparse_kd import sparse_multihead_kd_loss
 from rcfast.train.objectives.base import Term, TermSetup, register_term
-from rcfast.train.objectives.inputs import StepInputs, StudentLogits, TeacherLogits
+from rcfast.train.objectives.inputs import (STUDENT_FEATURES, StepInputs, StudentHeadLinear, StudentLayer,
+                                            StudentLogits, TeacherLogits)
 from rcfast.train.sparse_teacher import SparseTeacherLogits
 
 __all__ = ["MultiHeadKD"]
@@ -76,8 +84,11 @@ class MultiHeadKD(Term):
     """Multi-head KD: ``sum_h w_h tau_h^2 KL(softmax(t_h/tau_h) || softmax(s_h/tau_h))``, batch mean."""
 
     def __init__(self, heads: list | dict | None = None, temperature: float | dict = 4.0,
-                 head_weights: float | dict = 1.0, data: str | None = None) -> None:
+                 head_weights: float | dict = 1.0, data: str | None = None, fused_linear: bool = False) -> None:
         super().__init__()
+        if not isinstance(fused_linear, bool):
+            raise TypeError(f"fused_linear must be true or false, got {fused_linear!r}")
+        self.fused_linear = fused_linear
         if heads is not None and not isinstance(heads, (list, tuple, Mapping)):
             raise TypeError(f"heads must be null, a list of heads or a {{head: teacher}} mapping, got {heads!r}")
         _check_per_head("temperature", temperature, positive=True)
@@ -113,15 +124,47 @@ class MultiHeadKD(Term):
         self.temperatures = per_head(setup, "temperature", self.temperature_option, self.head_names)
         self.weights_per_head = per_head(setup, "head_weights", self.head_weights_option, self.head_names)
         self.backend = setup.loss_backend
-        self.student_key = setup.need(StudentLogits(stream, tuple(self.head_names)))
-        self.teacher_key = setup.need(TeacherLogits(stream, tuple(pairs.values()), accepts_top_k=True))
+        if self.fused_linear:
+            # The features entering the packed head, and the head's rows of the distilled heads.
+            self.features_key = setup.need(StudentLayer(stream, STUDENT_FEATURES))
+            self.student_key = setup.need(StudentHeadLinear(stream, tuple(self.head_names)))
+        else:
+            self.student_key = setup.need(StudentLogits(stream, tuple(self.head_names)))
+        # The fused linear op takes dense teacher logits only: a top-k cache is refused before training.
+        self.teacher_key = setup.need(TeacherLogits(stream, tuple(pairs.values()),
+                                                    accepts_top_k=not self.fused_linear))
+
+    def _fused_linear_loss(self, step: StepInputs, rows: slice | None = None, **options) -> torch.Tensor:
+        """The loss with the head fused in, over all distilled heads or the packed ``rows`` of one."""
+        features = step[self.features_key]
+        weight, bias = step[self.student_key]
+        teacher = step[self.teacher_key]
+        if rows is not None:
+            weight, teacher = weight[rows], teacher[:, rows]
+            bias = None if bias is None else bias[rows]
+        # As the head's nn.Linear under autocast: the parameters take the features' (autocast) dtype.
+        weight = weight.to(features.dtype)
+        bias = None if bias is None else bias.to(features.dtype)
+        return fused_linear_multihead_kd_loss(features, weight, teacher.to(features.dtype), bias=bias,
+                                              backend=self.backend, **options)
 
     def forward(self, step: StepInputs) -> torch.Tensor:
+        if self.fused_linear:
+            return self._fused_linear_loss(step, splits=self.splits, temperature=self.temperatures,
+                                           weights=self.weights_per_head, reduction="batchmean")
         return _kd_loss(step[self.student_key], step[self.teacher_key], splits=self.splits,
                         temperature=self.temperatures, weights=self.weights_per_head,
                         reduction="batchmean", backend=self.backend)
 
     def parts(self, step: StepInputs) -> dict[str, torch.Tensor]:
+        if self.fused_linear:
+            out, start = {}, 0
+            for head, size, tau, weight in zip(self.head_names, self.splits, self.temperatures,
+                                                self.weights_per_head):
+                out[head] = self._fused_linear_loss(step, slice(start, start + size), temperature=tau,
+                                                    weights=[weight])
+                start += size
+            return out
         student, teacher = step[self.student_key], step[self.teacher_key]
         out, start = {}, 0
         for i, (head, size, tau, weight) in enumerate(zip(self.head_names, self.splits, self.temperatures,
