@@ -7,7 +7,10 @@ imports rcfast.kernels. On a machine with a GPU the real kernels run instead.
 Markers (``-m "not slow"`` runs the quick subset):
 
 - ``slow``: takes more than a few seconds (end-to-end runs, subprocesses);
-- ``interpreter``: runs a Triton kernel under ``TRITON_INTERPRET=1``;
+- ``interpreter``: runs a Triton kernel under ``TRITON_INTERPRET=1``. Every such
+  test is also ``slow`` (added at collection below): the interpreter runs one
+  program at a time in NumPy, and its ~550 tests take about 5 minutes here.
+  ``-m interpreter`` runs them alone;
 - ``gpu``: needs a CUDA device (skipped without one; run by scripts/gpu_check.sh).
 """
 import os
@@ -29,6 +32,9 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "interpreter" in item.keywords:
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")

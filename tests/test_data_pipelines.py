@@ -277,6 +277,7 @@ def test_cuda_batches_match_the_cpu_pipeline(photo_folder, backend):
 
 
 
+@pytest.mark.slow  # a fresh Python subprocess
 @pytest.mark.parametrize("backend,augment", [("dali", None)])  # the path with finishing threads
 def test_iterating_leaves_torch_thread_count_alone(mixed_folder, backend, augment):
     """The pipeline's own threads must not change the training process's

@@ -47,6 +47,7 @@ print("images", n)
 """
 
 
+@pytest.mark.slow  # a fresh Python subprocess
 def test_pil_workers_run_in_a_script_without_main_guard(tmp_path, image_folder):
     """Regression: 'DataLoader worker exited unexpectedly' (the fork server re-ran the script)."""
     script = tmp_path / "train.py"
@@ -57,6 +58,7 @@ def test_pil_workers_run_in_a_script_without_main_guard(tmp_path, image_folder):
     assert result.stdout.split()[-2:] == ["images", "24"]
 
 
+@pytest.mark.slow  # a fresh Python subprocess
 def test_pil_workers_run_from_a_script_on_standard_input(tmp_path, image_folder):
     """Regression: `python - < script.py` crashed even with the guard (no file to re-import)."""
     source = UNGUARDED.format(folder=str(image_folder))

@@ -367,6 +367,7 @@ def test_autoencoder_from_state_dict_round_trips_and_rejects_other_dicts():
         FactorAutoEncoder.from_state_dict(broken)
 
 
+@pytest.mark.slow  # a fresh Python subprocess
 def test_import_rcfast_loads_neither_iekd_nor_the_models():
     """IE-KD and DMC are loaded on first use, so ``import rcfast`` stays the fused loss alone."""
     import os

@@ -623,6 +623,7 @@ def test_auto_picks_cpu_for_cpu_tensors():
     assert resolve_backend("auto", torch.device("cpu")) == "cpu"
 
 
+@pytest.mark.slow  # a fresh Python subprocess
 def test_missing_extension_falls_back_with_one_warning():
     code = (
         "import sys, warnings, torch\n"
@@ -697,6 +698,7 @@ def test_unavailable_backend_names_the_reason():
         rcfast.multihead_kd_loss(_s(2, 5), _s(2, 5), backend="cuda")
 
 
+@pytest.mark.slow  # a fresh Python subprocess
 def test_triton_on_cpu_without_interpreter_raises():
     code = (
         "import torch, rcfast\n"
@@ -737,6 +739,7 @@ def test_backend_probe_is_marked_constant_for_dynamo():
     assert unavailable_reason._dynamo_marked_constant is True
 
 
+@pytest.mark.slow  # a fresh Python subprocess
 def test_import_does_not_load_dynamo():
     code = "import sys, rcfast; print('torch._dynamo' in sys.modules)"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -10,6 +10,8 @@ import textwrap
 import tomllib
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Third-party modules the extras bring; "just the loss" must not import any of them.
@@ -48,6 +50,7 @@ def test_extras_cover_the_optional_features():
     assert extras["all"] == ["rcfast[train,data,ot,triton]"]
 
 
+@pytest.mark.slow  # a fresh Python subprocess
 def test_the_loss_runs_with_no_extra_installed():
     script = BLOCKER + textwrap.dedent("""
         import torch, rcfast
