@@ -16,7 +16,11 @@ own), built once; then rounds are interleaved -- every variant runs the same
 number of steps back to back, in a rotating order, one at a time -- and the
 median round is reported with each round's ratio to ``online`` in the same
 round, because other work on a shared machine moves single runs a lot. The
-caches' size per image and build time are measured too.
+caches' size per image and build time are measured too, and -- after the
+rounds, in the online process -- the teachers' forward and the drawing of a
+batch, each timed alone: a cache removes the teachers' forward and nothing
+else, so ``online step / (online step - teachers' forward)`` is the ceiling of
+any cache for this run, printed beside what the caches reached.
 
     python bench/bench_train.py [--quick] [--rounds 5] [--steps 10] [--device auto]
 
@@ -124,7 +128,11 @@ def child(config_path: str) -> None:
     cuda = trainer.device.type == "cuda"
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
-        steps = json.loads(line)["steps"]
+        command = json.loads(line)
+        if "phases" in command:
+            print(json.dumps(phase_seconds(trainer, command["phases"])), flush=True)
+            continue
+        steps = command["steps"]
         if steps == 0:
             break
         start, images = time.perf_counter(), 0
@@ -136,6 +144,38 @@ def child(config_path: str) -> None:
         print(json.dumps({"seconds": seconds, "images": images,
                           "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
     trainer.close()
+
+
+def phase_seconds(trainer, repeats: int) -> dict:
+    """Seconds per step of two parts of a step, each timed alone (median of ``repeats``).
+
+    ``step_s``: a whole training step; ``data_s``: drawing the next batch; ``teachers_s``: the teachers' forward on one
+    batch, as the step requests it (online teachers only; ``None`` for a cache).
+    Caching removes ``teachers_s`` from a step and nothing else, so
+    ``step_s / (step_s - teachers_s)`` is the most any cache can speed the run.
+    """
+    import torch
+
+    from rcfast.train.teachers import OnlineTeachers, TeacherRequest
+
+    def median_seconds(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            if trainer.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    stream = trainer.streams["proxy"]
+    out = {"step_s": median_seconds(trainer.train_step), "data_s": median_seconds(stream.next), "teachers_s": None}
+    if isinstance(trainer.teachers, OnlineTeachers):
+        batch = stream.next()
+        images = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(trainer.device)
+        request = TeacherRequest(stream="proxy", step=0, images=images, teachers=tuple(trainer.teachers.num_classes))
+        out["teachers_s"] = median_seconds(lambda: trainer.teachers(request))
+    return out
 
 
 class Variant:
@@ -160,6 +200,14 @@ class Variant:
             raise RuntimeError(f"variant {self.name} died (exit {self.proc.wait()})")
         return json.loads(line)
 
+    def phases(self, repeats: int) -> dict:
+        self.proc.stdin.write(json.dumps({"phases": repeats}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"variant {self.name} died (exit {self.proc.wait()})")
+        return json.loads(line)
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.stdin.write(json.dumps({"steps": 0}) + "\n")
@@ -176,7 +224,9 @@ def bench_teacher_set(work: Path, teacher_set: str, s: dict, args) -> dict:
     from rcfast.train.teacher_cache import build_teacher_cache
 
     total_steps = args.warmup + args.rounds * args.steps
-    data, flop_ratio = make_run(work, teacher_set, s, total_steps, args.device)
+    phase_repeats = max(5, args.steps)
+    # room in the schedule for the steps phase_seconds times after the rounds
+    data, flop_ratio = make_run(work, teacher_set, s, total_steps + phase_repeats, args.device)
     config = config_from_dict(json.loads(json.dumps(data)))
     apply_runtime(config.train)
     caches = {}
@@ -208,11 +258,15 @@ def bench_teacher_set(work: Path, teacher_set: str, s: dict, args) -> dict:
                 maxrss[name] = result["maxrss_mib"]
             print(f"[bench_train] {teacher_set} round {r + 1}: " + ", ".join(
                 f"{n} {rounds[n][-1]:.0f}" for n in VARIANTS) + " images/s", file=sys.stderr, flush=True)
+        # After the rounds (which the drawn batches would otherwise shift): the online run's step parts.
+        phases = variants["online"].phases(phase_repeats)
     finally:
         for v in variants.values():
             v.close()
     ratios = {name: [x / o for x, o in zip(rounds[name], rounds["online"])] for name in VARIANTS}
-    return {"flop_ratio": flop_ratio, "rounds": rounds, "ratios": ratios, "maxrss_mib": maxrss, "caches": caches}
+    phases["ceiling"] = phases["step_s"] / max(phases["step_s"] - phases["teachers_s"], 1e-12)
+    return {"flop_ratio": flop_ratio, "rounds": rounds, "ratios": ratios, "maxrss_mib": maxrss, "caches": caches,
+            "phases": phases}
 
 
 def report(results: dict, s: dict, args) -> str:
@@ -237,6 +291,17 @@ def report(results: dict, s: dict, args) -> str:
                          f"{', '.join(f'{x:.0f}' for x in r['rounds'][name])} | "
                          f"{statistics.median(r['ratios'][name]):.2f}x | {cache['bytes_per_image'] if cache else '-'} | "
                          f"{built} | {r['maxrss_mib'][name]:.0f} |")
+    lines += ["", "What caching can gain: the online run's step and two of its parts, each timed alone (median of "
+              "several repeats) in the online process after the rounds. A cache removes the teachers' forward "
+              "from a step and nothing else, so online step / (online step - teachers' forward) is the most any "
+              "cache can give this run (the student's forward and backward and the data stay):", "",
+              "| teachers | online step ms | teachers' forward ms | drawing a batch ms | ceiling of a cache | "
+              "best cached top-k | of the ceiling |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for teacher_set, r in results.items():
+        p = r["phases"]
+        best = max(statistics.median(r["ratios"][n]) for n in ("top8", "top32"))
+        lines.append(f"| {teacher_set} | {p['step_s'] * 1e3:.1f} | {p['teachers_s'] * 1e3:.1f} | "
+                     f"{p['data_s'] * 1e3:.1f} | {p['ceiling']:.2f}x | {best:.2f}x | {best / p['ceiling']:.0%} |")
     lines += ["", "Per-round ratios to online (same round, back to back):"]
     for teacher_set, r in results.items():
         for name in VARIANTS[1:]:

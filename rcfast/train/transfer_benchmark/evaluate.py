@@ -33,7 +33,7 @@ from rcfast.train.experiment import RunRecipe, labeled_images, load_backbone, lo
 from rcfast.train.transfer_benchmark.runs import STUDENTS
 from rcfast.train.transfer_benchmark.settings import BenchmarkSettings
 
-__all__ = ["first_per_class", "seed_backbones", "evaluate_seed"]
+__all__ = ["first_per_class", "seed_backbones", "evaluate_seed", "score_backbones"]
 
 
 def first_per_class(labels: np.ndarray, n: int) -> np.ndarray:
@@ -84,6 +84,13 @@ def evaluate_seed(data: ProtocolData, summaries: dict[str, dict], settings: Benc
                   seed: int, log: Callable[[str], None] = print) -> dict:
     """``{"transfer": {model: {task: {"probe@n": acc, "knn@n": acc, ...}}}, "teacher_accuracy": {...}}``."""
     backbones, teacher_accuracy = seed_backbones(data, summaries, recipe, seed)
+    return {"transfer": score_backbones(data, backbones, settings, recipe, seed, log),
+            "teacher_accuracy": teacher_accuracy}
+
+
+def score_backbones(data: ProtocolData, backbones: dict[str, nn.Module], settings: BenchmarkSettings,
+                    recipe: RunRecipe, seed: int, log: Callable[[str], None] = print) -> dict[str, dict[str, dict]]:
+    """``{model: {task: {"probe@n": acc, "knn@n": acc, ...}}}`` of frozen ``backbones`` on the seed's downstream tasks."""
     transfer: dict[str, dict[str, dict]] = {name: {} for name in backbones}
     bar = tqdm(total=len(backbones) * len(data.downstream), desc=f"seed {seed}: probes", unit="probe",
                dynamic_ncols=True)
@@ -103,4 +110,4 @@ def evaluate_seed(data: ProtocolData, summaries: dict[str, dict], settings: Benc
                 for name in backbones))
     finally:
         bar.close()
-    return {"transfer": transfer, "teacher_accuracy": teacher_accuracy}
+    return transfer
