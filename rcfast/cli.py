@@ -230,7 +230,8 @@ def _eval(args) -> int:
                                num_classes=train.num_classes, device=device)
     print(json.dumps(result, indent=1))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        from rcfast.atomic import atomic_write_json
+        atomic_write_json(Path(args.json), result)
     return 0
 
 
@@ -343,6 +344,7 @@ def _rank_teachers(args) -> int:
     from rcfast.data import ProxyImages
     from rcfast.select import final_linear, rank_teachers
     from rcfast.select.repository import Skipped, read_repository
+    from rcfast.atomic import atomic_write_json
     from rcfast.train.checkpoint import atomic_save
     from rcfast.train.config import TeacherConfig
     from rcfast.train.distributed import resolve_device
@@ -391,10 +393,7 @@ def _rank_teachers(args) -> int:
     if args.json:
         result = {"method": args.method, "target": str(args.target), "num_classes": target.num_classes,
                   "ranking": rows, "skipped": [{"name": s.name, "reason": s.reason} for s in skipped]}
-        path = Path(args.json)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, path)  # never a half-written file
+        atomic_write_json(Path(args.json), result)  # never a half-written file
     return 0
 
 

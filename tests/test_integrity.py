@@ -264,3 +264,30 @@ def test_the_command_warns_in_one_line_when_it_skips_a_truncated_newest_checkpoi
                                  "truncated")
     assert warning[0].endswith(f"resuming from {checkpoints / 'checkpoint_000000001.pt'} instead")
     assert json.loads(result.stdout)["resumed_from"] == str(checkpoints / "checkpoint_000000001.pt")
+
+
+# --------------------------------------------------------------------------- rcfast.atomic
+def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):
+    from rcfast.atomic import atomic_file, atomic_write_json
+
+    path = tmp_path / "out" / "data.json"
+    atomic_write_json(path, {"a": 1})
+    assert json.loads(path.read_text()) == {"a": 1}
+    with pytest.raises(ZeroDivisionError):
+        with atomic_file(path) as f:
+            f.write(b"half of the new contents")
+            1 / 0
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["data.json"]  # no temporary file left
+    atomic_write_json(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 2}
+
+
+def test_an_atomic_write_into_an_unwritable_folder_names_the_file(tmp_path):
+    from rcfast.atomic import atomic_file
+
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where a folder should be")
+    with pytest.raises(OSError, match=r"cannot write .*not_a_folder/x\.bin"):
+        with atomic_file(blocker / "x.bin") as f:
+            f.write(b"x")

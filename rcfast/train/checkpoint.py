@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rcfast.atomic import atomic_file
 from rcfast.train.errors import CheckpointError
 
 __all__ = ["atomic_save", "save_checkpoint_file", "check_checkpoint_file", "load_checkpoint", "content_digest",
@@ -69,36 +70,17 @@ def _surface_write_error(f) -> OSError:
 
 
 def atomic_save(obj, path: str | Path) -> Path:
-    """``torch.save`` to ``path`` atomically (temp file, fsync, ``os.replace``).
+    """``torch.save`` to ``path`` atomically (:func:`rcfast.atomic.atomic_file`).
 
     A failed write (disk full, file too large, no permission) raises ``OSError``
     naming ``path``; whatever was at ``path`` before is left untouched.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            try:
-                torch.save(obj, f)
-            except RuntimeError as exc:
-                raise _surface_write_error(f) from exc
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        # The rename is durable only once the directory entry is on disk too.
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+    with atomic_file(path) as f:
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as exc:
-        previous = " (the previous file there is intact)" if path.exists() else ""
-        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}{previous}") from exc
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-    return path
+            torch.save(obj, f)
+        except RuntimeError as exc:
+            raise _surface_write_error(f) from exc
+    return Path(path)
 
 
 # ---------------------------------------------------------------------- content hash

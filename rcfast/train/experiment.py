@@ -28,6 +28,7 @@ from typing import Callable, Mapping, Sequence
 from torch import nn
 
 from rcfast.models import build_classifier, build_model
+from rcfast.atomic import atomic_write_json
 from rcfast.train.checkpoint import load_checkpoint
 from rcfast.train.config import (DataConfig, OptimConfig, RunConfig, StudentConfig, TaskConfig, TeacherConfig,
                                  TrainConfig, dump_config, load_config)
@@ -162,7 +163,7 @@ def train_runs(configs: Mapping[str, RunConfig], config_dir: str | Path | None, 
             trainer.close()
         summary["cpu_time_s"] = cpu_seconds() - cpu  # this process, all its threads: building and training
         summaries[name] = summary
-        _write_json_atomic(run_dir / SUMMARY, summary)  # written last: its presence marks the run finished
+        atomic_write_json(run_dir / SUMMARY, summary)  # written last: its presence marks the run finished
         log(f"[{label}] {name}: {summary['steps']} steps, loss {summary['loss']:.4f}, "
             f"{summary['images_per_sec']:.0f} images/s")
     return summaries
@@ -172,12 +173,6 @@ def cpu_seconds() -> float:
     """CPU time (user + system) of this process so far, all threads (torch's, DALI's) included."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-def _write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
 
 
 def _model_state(path: str | Path) -> dict:

@@ -32,13 +32,14 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from rcfast.atomic import atomic_write_json
 
 from .catalog import GlyphCatalog, load_catalog
 from .classes import classes_of_scripts
@@ -171,10 +172,7 @@ def _planned_files(spec: dict) -> dict[str, list[tuple[int, str, list]]]:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=True, ensure_ascii=False)
-    os.replace(tmp, path)
+    atomic_write_json(path, data, sort_keys=True, ensure_ascii=False)
 
 
 def _read_json(path: Path) -> dict | None:

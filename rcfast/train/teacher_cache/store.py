@@ -37,7 +37,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,6 +45,7 @@ import numpy as np
 import torch
 
 from rcfast.data.plan import epoch_order
+from rcfast.atomic import atomic_file
 
 __all__ = ["CacheError", "Layout", "VALUE_DTYPES", "INDEX_DTYPES", "atomic_write", "write_chunk",
            "chunk_problem", "TeacherCacheFiles", "sha256_file", "values_to_torch"]
@@ -177,30 +177,11 @@ class Layout:
         return shard, within // self.rows_per_chunk, within % self.rows_per_chunk
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: Path, blocks) -> None:
-    """Write the byte strings ``blocks`` to ``path`` atomically: temp file, fsync, rename, fsync the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            for block in blocks:
-                f.write(block)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
+    """Write the byte strings ``blocks`` to ``path`` atomically (:func:`rcfast.atomic.atomic_file`)."""
+    with atomic_file(path) as f:
+        for block in blocks:
+            f.write(block)
 
 
 def sha256_file(path: Path) -> str:

@@ -31,6 +31,7 @@ import torch
 
 from rcfast.data.glyphs.protocol import choose_classes, protocol_data, script_slug
 from rcfast.extras import require
+from rcfast.atomic import atomic_write_json as _write_json
 from rcfast.train.experiment import cpu_seconds, train_runs
 from rcfast.train.transfer_benchmark.claims import aggregate, evaluate_claims, learning_check, mean_std
 from rcfast.train.transfer_benchmark.evaluate import evaluate_seed
@@ -43,12 +44,6 @@ __all__ = ["run_transfer_benchmark", "prepare_output", "SPEC_FILE"]
 SPEC_FILE = "benchmark.json"
 RESULTS, REPORT = "results.json", "report.md"
 _WRITTEN = ("seeds", RESULTS, REPORT, CHART)  # what --overwrite deletes (then SPEC_FILE, last)
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path):
