@@ -59,7 +59,7 @@ def _is_x86_64() -> bool:
 CPU_CAPABILITIES = (_DEFAULT_CAPABILITY,) + (_X86_CAPABILITIES if _is_x86_64() else ())
 
 _MAIN_SOURCES = ["csrc/bindings.cpp", "csrc/cpu/kd_cpu.cpp", "csrc/cpu/sparse_kd_cpu.cpp"]
-_HEADERS = ["csrc/kd_math.h", "csrc/cpu/kd_cpu.h", "csrc/cpu/kd_cpu_driver.h", "csrc/cpu/kd_cpu_passes.h",
+_HEADERS = ["csrc/kd_math.h", "csrc/cpu/kd_cpu.h", "csrc/cpu/kd_cpu_op_checks.h", "csrc/cpu/kd_cpu_driver.h", "csrc/cpu/kd_cpu_passes.h",
             "csrc/cpu/kd_vec_exp.h", "csrc/cpu/sparse_kd_cpu.h", "csrc/cpu/sparse_kd_cpu_kernel_impl.h"]
 
 

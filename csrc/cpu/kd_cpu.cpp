@@ -15,7 +15,6 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <cstdint>
 #include <string>
 #include <tuple>
@@ -25,6 +24,7 @@
 #endif
 
 #include "kd_cpu.h"
+#include "kd_cpu_op_checks.h"
 #include "kd_math.h"
 
 namespace rcfast {
@@ -77,10 +77,6 @@ void advise_huge_pages(const at::Tensor& tensor) {
 #endif
 }
 
-bool is_supported_dtype(at::ScalarType dtype) {
-  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf;
-}
-
 std::tuple<at::Tensor, at::Tensor> multihead_kd_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
                                                         const at::Tensor& head_offsets,
                                                         const at::Tensor& temperatures,
@@ -99,40 +95,12 @@ std::tuple<at::Tensor, at::Tensor> multihead_kd_fwd_cpu(const at::Tensor& studen
   const int64_t batch = student.size(0);
   const int64_t total_classes = student.size(1);
   TORCH_CHECK(batch > 0, kOp, "batch size must be > 0");
-  TORCH_CHECK(kd::kd_is_reduction(reduction), kOp,
-              "reduction must be 0 (none), 1 (sum), 2 (mean) or 3 (batchmean), got ", reduction);
-  const auto reduction_kind = static_cast<kd::KDReduction>(reduction);
-
-  TORCH_CHECK(head_offsets.dim() == 1 && head_offsets.scalar_type() == at::kLong, kOp,
-              "head_offsets must be a 1-D int64 tensor [H + 1], got ", head_offsets.scalar_type(), " with ",
-              head_offsets.dim(), " dims");
-  const int64_t num_heads = head_offsets.size(0) - 1;
-  TORCH_CHECK(num_heads >= 1, kOp, "head_offsets must hold at least 2 values (one head)");
-  TORCH_CHECK(temperatures.dim() == 1 && temperatures.size(0) == num_heads &&
-                  temperatures.scalar_type() == at::kFloat,
-              kOp, "temperatures must be float32 [H] with H = ", num_heads, ", got ", temperatures.scalar_type(),
-              " of shape ", temperatures.sizes());
-  TORCH_CHECK(weights.dim() == 1 && weights.size(0) == num_heads && weights.scalar_type() == at::kFloat, kOp,
-              "weights must be float32 [H] with H = ", num_heads, ", got ", weights.scalar_type(), " of shape ",
-              weights.sizes());
-
-  const at::Tensor offsets_c = head_offsets.contiguous();
-  const at::Tensor temperatures_c = temperatures.contiguous();
-  const at::Tensor weights_c = weights.contiguous();
-  const int64_t* offsets = offsets_c.const_data_ptr<int64_t>();
-  const float* taus = temperatures_c.const_data_ptr<float>();
-  const float* head_weights = weights_c.const_data_ptr<float>();
-  TORCH_CHECK(offsets[0] == 0, kOp, "head_offsets must start at 0, got ", offsets[0]);
-  for (int64_t h = 0; h < num_heads; ++h) {
-    TORCH_CHECK(offsets[h + 1] > offsets[h], kOp, "head_offsets must be strictly increasing, got ", offsets[h],
-                " then ", offsets[h + 1], " at head ", h);
-    TORCH_CHECK(std::isfinite(taus[h]) && taus[h] > 0.0f, kOp, "temperatures must be finite and > 0, got ",
-                taus[h], " for head ", h);
-    TORCH_CHECK(std::isfinite(head_weights[h]), kOp, "weights must be finite, got ", head_weights[h],
-                " for head ", h);
-  }
-  TORCH_CHECK(offsets[num_heads] == total_classes, kOp, "head_offsets must end at N = ", total_classes,
-              " (the logits' columns), got ", offsets[num_heads]);
+  const auto reduction_kind = check_reduction(kOp, reduction);
+  const HeadTables tables = check_head_tables(kOp, head_offsets, temperatures, weights, total_classes);
+  const int64_t num_heads = tables.num_heads;
+  const int64_t* offsets = tables.offsets;
+  const float* taus = tables.taus;
+  const float* head_weights = tables.weights;
 
   // The front-end passes contiguous logits; other callers get a copy here.
   const at::Tensor student_c = student.contiguous();

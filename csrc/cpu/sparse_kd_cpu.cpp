@@ -14,11 +14,11 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <cstdint>
 #include <string>
 #include <tuple>
 
+#include "kd_cpu_op_checks.h"
 #include "kd_math.h"
 #include "sparse_kd_cpu.h"
 
@@ -44,10 +44,6 @@ void run_kernel(const SparseKDCpuArgs& args) {
   DEFAULT::sparse_multihead_kd_cpu_kernel(args);
 }
 
-bool is_supported_dtype(at::ScalarType dtype) {
-  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf;
-}
-
 std::tuple<at::Tensor, at::Tensor> sparse_multihead_kd_fwd_cpu(
     const at::Tensor& student, const at::Tensor& values, const at::Tensor& indices, const at::Tensor& head_offsets,
     const at::Tensor& temperatures, const at::Tensor& weights, int64_t reduction, bool compute_grad) {
@@ -69,36 +65,14 @@ std::tuple<at::Tensor, at::Tensor> sparse_multihead_kd_fwd_cpu(
   const int64_t batch = student.size(0);
   const int64_t total_classes = student.size(1);
   TORCH_CHECK(batch > 0, kOp, "batch size must be > 0");
-  TORCH_CHECK(kd::kd_is_reduction(reduction), kOp,
-              "reduction must be 0 (none), 1 (sum), 2 (mean) or 3 (batchmean), got ", reduction);
-  const auto reduction_kind = static_cast<kd::KDReduction>(reduction);
-  TORCH_CHECK(head_offsets.dim() == 1 && head_offsets.scalar_type() == at::kLong, kOp,
-              "head_offsets must be a 1-D int64 tensor [H + 1]");
-  const int64_t num_heads = head_offsets.size(0) - 1;
-  TORCH_CHECK(num_heads >= 1 && values.size(1) == num_heads, kOp, "teacher_values must have H = ", num_heads,
+  const auto reduction_kind = check_reduction(kOp, reduction);
+  const HeadTables tables = check_head_tables(kOp, head_offsets, temperatures, weights, total_classes);
+  const int64_t num_heads = tables.num_heads;
+  TORCH_CHECK(values.size(1) == num_heads, kOp, "teacher_values must have H = ", num_heads,
               " heads (head_offsets), got ", values.size(1));
-  TORCH_CHECK(temperatures.dim() == 1 && temperatures.size(0) == num_heads &&
-                  temperatures.scalar_type() == at::kFloat,
-              kOp, "temperatures must be float32 [H] with H = ", num_heads);
-  TORCH_CHECK(weights.dim() == 1 && weights.size(0) == num_heads && weights.scalar_type() == at::kFloat, kOp,
-              "weights must be float32 [H] with H = ", num_heads);
-
-  const at::Tensor offsets_c = head_offsets.contiguous();
-  const at::Tensor temperatures_c = temperatures.contiguous();
-  const at::Tensor weights_c = weights.contiguous();
-  const int64_t* offsets = offsets_c.const_data_ptr<int64_t>();
-  const float* taus = temperatures_c.const_data_ptr<float>();
-  const float* head_weights = weights_c.const_data_ptr<float>();
-  TORCH_CHECK(offsets[0] == 0, kOp, "head_offsets must start at 0, got ", offsets[0]);
-  for (int64_t h = 0; h < num_heads; ++h) {
-    TORCH_CHECK(offsets[h + 1] > offsets[h], kOp, "head_offsets must be strictly increasing at head ", h);
-    TORCH_CHECK(std::isfinite(taus[h]) && taus[h] > 0.0f, kOp, "temperatures must be finite and > 0, got ",
-                taus[h], " for head ", h);
-    TORCH_CHECK(std::isfinite(head_weights[h]), kOp, "weights must be finite, got ", head_weights[h],
-                " for head ", h);
-  }
-  TORCH_CHECK(offsets[num_heads] == total_classes, kOp, "head_offsets must end at N = ", total_classes,
-              ", got ", offsets[num_heads]);
+  const int64_t* offsets = tables.offsets;
+  const float* taus = tables.taus;
+  const float* head_weights = tables.weights;
 
   const auto loss_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor task_losses = at::empty({batch, num_heads}, student.options().dtype(at::kDouble));
