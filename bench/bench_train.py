@@ -192,21 +192,20 @@ class Variant:
         if not line:
             raise RuntimeError(f"variant {self.name} failed to start (exit {self.proc.wait()})")
 
-    def run(self, steps: int) -> dict:
-        self.proc.stdin.write(json.dumps({"steps": steps}) + "\n")
+    def _ask(self, command: dict) -> dict:
+        """Send one command line to the child and read its one-line JSON answer."""
+        self.proc.stdin.write(json.dumps(command) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"variant {self.name} died (exit {self.proc.wait()})")
         return json.loads(line)
 
+    def run(self, steps: int) -> dict:
+        return self._ask({"steps": steps})
+
     def phases(self, repeats: int) -> dict:
-        self.proc.stdin.write(json.dumps({"phases": repeats}) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"variant {self.name} died (exit {self.proc.wait()})")
-        return json.loads(line)
+        return self._ask({"phases": repeats})
 
     def close(self) -> None:
         if self.proc.poll() is None:

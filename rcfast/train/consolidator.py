@@ -189,8 +189,8 @@ class Consolidator:
         # every step would synchronise a GPU every step; it is read before every write instead.
         self._first_nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)
         self._last_loss: torch.Tensor | None = None
-        #: ``(step, parts)`` of the last logged step, computed before its update (see train_step)
-        self._step_parts: tuple[int, dict] | None = None
+        #: the parts of a step that will be logged, computed before its update (see train_step)
+        self._step_parts: dict | None = None
         #: sha256 of each teacher's checkpoint file (from_config), recorded in checkpoints and compared on resume
         self.teacher_files: dict[str, str] | None = None
         #: changes a resume accepted: ``[{"step": N, "changes": [[field, old, new], ...]}]``
@@ -327,7 +327,7 @@ class Consolidator:
         loss, values = self.objective_model(step_inputs)
         if self._is_logged(self.step + 1):
             # Before the update: a term's parts may read live parameters (a fused head's weight).
-            self._step_parts = (self.step, self.objective.parts(step_inputs))
+            self._step_parts = self.objective.parts(step_inputs)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.optim_cfg.clip_grad_norm:
@@ -500,12 +500,10 @@ class Consolidator:
         """Is the step that ends with ``self.step == step`` written to the metrics?"""
         return step % self.train_cfg.log_every == 0 or step == self.train_cfg.max_steps
 
-    def _log_record(self, loss, values, step_inputs, interval_images: int, elapsed: float) -> tuple[dict, bool]:
+    def _log_record(self, loss, values, interval_images: int, elapsed: float) -> tuple[dict, bool]:
         """The metrics record of this step (values averaged over ranks), and whether any rank saw a non-finite loss."""
-        step_parts = self._step_parts
-        parts = (step_parts[1] if step_parts is not None and step_parts[0] == step_inputs.step
-                 else self.objective.parts(step_inputs))
-        self._step_parts = None
+        # train_step computed them for this step (the same _is_logged condition), before the update
+        parts, self._step_parts = self._step_parts, None
         flat = [loss.detach().float()] + [v.float() for v in values.values()]
         flat += [v.float() for term_parts in parts.values() for v in term_parts.values()]
         flat.append((self._first_nonfinite > 0).float())  # rides along the same all-reduce
@@ -585,7 +583,7 @@ class Consolidator:
                 total_images += batch_images * self.ctx.world_size
                 bar.update(1)
                 if self._is_logged(self.step):
-                    record, nonfinite_seen = self._log_record(loss, values, step_inputs, interval_images,
+                    record, nonfinite_seen = self._log_record(loss, values, interval_images,
                                                               time.perf_counter() - interval_start)
                     if nonfinite_seen:
                         self.check_finite(f"the metrics of step {self.step}")  # raises, naming the first bad step

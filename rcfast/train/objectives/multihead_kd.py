@@ -157,20 +157,15 @@ class MultiHeadKD(Term):
                         reduction="batchmean", backend=self.backend)
 
     def parts(self, step: StepInputs) -> dict[str, torch.Tensor]:
-        if self.fused_linear:
-            out, start = {}, 0
-            for head, size, tau, weight in zip(self.head_names, self.splits, self.temperatures,
-                                                self.weights_per_head):
-                out[head] = self._fused_linear_loss(step, slice(start, start + size), temperature=tau,
-                                                    weights=[weight])
-                start += size
-            return out
-        student, teacher = step[self.student_key], step[self.teacher_key]
         out, start = {}, 0
         for i, (head, size, tau, weight) in enumerate(zip(self.head_names, self.splits, self.temperatures,
                                                           self.weights_per_head)):
             cols = slice(start, start + size)
             start += size
+            if self.fused_linear:
+                out[head] = self._fused_linear_loss(step, cols, temperature=tau, weights=[weight])
+                continue
+            student, teacher = step[self.student_key], step[self.teacher_key]
             head_teacher = (teacher.select((self.teacher_names[i],)) if isinstance(teacher, SparseTeacherLogits)
                             else teacher[:, cols])
             out[head] = _kd_loss(student[:, cols], head_teacher, temperature=tau, weights=[weight],
