@@ -7,11 +7,15 @@ backbone by few-shot linear probes on four downstream tasks. Here, for each
 seed of such a benchmark folder (run first, or continued, by this script) and
 each k, the same RepCon run -- its config file, so the same seed, data order,
 initialisation and budget -- is trained again from a top-k fp16 teacher cache
-(``build_teacher_cache``), and scored by the benchmark's own scoring. Each
-seed's difference to the online RepCon is paired (same seed, same everything
-but the teachers' top k), and compared with the seed spread of online RepCon.
+(``build_teacher_cache``), and scored by the benchmark's own scoring; with
+``--tail both`` (default) twice: once from a plain top-k cache (the loss
+renormalises the k entries) and once from one built with ``tail_mass=True``
+(``top{k}+tail``: the classes outside the k keep their mass, spread evenly).
+Each seed's difference to the online RepCon is paired (same seed, same
+everything but the teachers' cache), and compared with the seed spread of
+online RepCon.
 
-    python bench/bench_cache_accuracy_glyphs.py [--size medium] [--seeds 3] [--ks 8 32] [--out DIR]
+    python bench/bench_cache_accuracy_glyphs.py [--size medium] [--seeds 3] [--ks 8 32] [--tail both] [--out DIR]
 
 prints a markdown table (and writes bench/results/cache_accuracy_glyphs.md unless
 ``--size quick``). The benchmark folder ``DIR`` (default
@@ -45,8 +49,8 @@ def mean_std(values) -> str:
     return f"{statistics.mean(values):.3f} ± {std:.3f}"
 
 
-def train_from_cache(config_path: Path, run_dir: Path, k: int):
-    """Train the seed's RepCon config from a top-k cache in ``run_dir``; return its final checkpoint."""
+def train_from_cache(config_path: Path, run_dir: Path, k: int, tail: bool):
+    """Train the seed's RepCon config from a top-k cache (with its tail mass if ``tail``) in ``run_dir``; return its final checkpoint."""
     from rcfast.train import Consolidator, load_config
     from rcfast.train.teacher_cache import build_teacher_cache
 
@@ -54,7 +58,8 @@ def train_from_cache(config_path: Path, run_dir: Path, k: int):
     config.train.out_dir = str(run_dir / "run")
     config.train.progress = False
     # Idempotent: a finished cache is only checked (and its summary returned).
-    summary = build_teacher_cache(config, run_dir / "cache", top_k=k, progress=False, log=lambda *a: None)
+    summary = build_teacher_cache(config, run_dir / "cache", top_k=k, tail_mass=tail, progress=False,
+                                  log=lambda *a: None)
     final = run_dir / "run" / "final.pt"
     if final.exists():
         return final, summary
@@ -103,8 +108,13 @@ def main() -> None:
     parser.add_argument("--size", default="medium", choices=("quick", "medium", "full"))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--ks", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--tail", default="both", choices=("off", "on", "both"),
+                        help="plain top-k caches, tail-mass ones, or both (default)")
     parser.add_argument("--out", default=None, help="the transfer benchmark folder (default rcfast-benchmark-<size>)")
     args = parser.parse_args()
+    tails = {"off": [False], "on": [True], "both": [False, True]}[args.tail]
+    variants = [(k, tail) for k in args.ks for tail in tails]
+    name = lambda k, tail: f"top{k}+tail" if tail else f"top{k}"  # noqa: E731
     if args.seeds <= 0 or any(k <= 0 for k in args.ks):
         parser.error("--seeds and every --ks must be positive")
 
@@ -126,7 +136,7 @@ def main() -> None:
     shots = settings.shots
     online = {r["seed"]: probe_score(r["transfer"]["repcon"], shots) for r in results["per_seed"]}
     generalist = {r["seed"]: probe_score(r["transfer"]["teacher_general"], shots)[0] for r in results["per_seed"]}
-    cached: dict[int, dict[int, tuple[float, dict]]] = {}
+    cached: dict[int, dict[str, tuple[float, dict]]] = {}
     cache_bytes = {}
     mass: dict[int, dict[str, dict[int, float]]] = {}
     for seed in settings.seed_list:
@@ -135,50 +145,55 @@ def main() -> None:
         config_path = out / "seeds" / str(seed) / "configs" / "repcon.yaml"
         mass[seed] = top_k_mass(config_path, args.ks)
         backbones = {}
-        for k in args.ks:
-            final, summary = train_from_cache(config_path, out / "cache_accuracy" / f"seed_{seed}" / f"top{k}", k)
-            cache_bytes[k] = summary["bytes_per_image"]
-            backbones[f"top{k}"] = load_backbone(final, recipe.backbone, width=recipe.width)
+        for k, tail in variants:
+            final, summary = train_from_cache(config_path, out / "cache_accuracy" / f"seed_{seed}" /
+                                              name(k, tail).replace("+", "_"), k, tail)
+            cache_bytes[name(k, tail)] = summary["bytes_per_image"]
+            backbones[name(k, tail)] = load_backbone(final, recipe.backbone, width=recipe.width)
         scores = score_backbones(data, backbones, settings, recipe, seed, log=log)
-        cached[seed] = {k: probe_score(scores[f"top{k}"], shots) for k in args.ks}
+        cached[seed] = {v: probe_score(scores[v], shots) for v in backbones}
         log(f"[cache_accuracy_glyphs] seed {seed}: online {online[seed][0]:.3f}, " + ", ".join(
-            f"top{k} {cached[seed][k][0]:.3f}" for k in args.ks))
+            f"{v} {cached[seed][v][0]:.3f}" for v in backbones))
 
     seeds = settings.seed_list
     tasks = list(online[seeds[0]][1])
     online_means = [online[s][0] for s in seeds]
     lines = ["# RepCon from a top-k teacher cache vs online teachers (glyph transfer benchmark)", "",
              f"`python bench/bench_cache_accuracy_glyphs.py --size {args.size} --seeds {args.seeds} --ks "
-             f"{' '.join(map(str, args.ks))}`: the transfer benchmark's RepCon student (b) ({args.size} size: "
+             f"{' '.join(map(str, args.ks))} --tail {args.tail}`: the transfer benchmark's RepCon student (b) ({args.size} size: "
              "two specialist teachers and a generalist, "
              f"{settings.protocol.specialist_classes}/{settings.protocol.specialist_classes}/"
              f"{settings.protocol.general_classes} classes; {settings.student_steps} steps) trained from online "
-             "teachers (the benchmark's own run) and, with the same config, from a top-k fp16 cache. Score: "
+             "teachers (the benchmark's own run) and, with the same config, from a top-k fp16 cache (`topk`: the loss "
+             "renormalises the k entries; `topk+tail`: built with `--tail-mass`, the other classes keep their "
+             "mass, spread evenly). Score: "
              f"linear-probe accuracy on frozen features, mean of {'/'.join(map(str, shots))}-shot, per downstream "
              f"task and their mean (the benchmark's transfer score). Mean ± std over seeds {seeds}; 'diff' is "
              "the mean ± std of each seed's paired difference to online.", "",
              "| variant | " + " | ".join(tasks) + " | mean |", "|---|" + "---:|" * (len(tasks) + 1)]
     lines.append("| online | " + " | ".join(mean_std([online[s][1][t] for s in seeds]) for t in tasks)
                  + f" | {mean_std(online_means)} |")
-    for k in args.ks:
-        lines.append(f"| top{k} | " + " | ".join(mean_std([cached[s][k][1][t] for s in seeds]) for t in tasks)
-                     + f" | {mean_std([cached[s][k][0] for s in seeds])} |")
-    for k in args.ks:
-        diffs = {t: [cached[s][k][1][t] - online[s][1][t] for s in seeds] for t in tasks}
-        lines.append(f"| top{k} diff | " + " | ".join(mean_std(diffs[t]) for t in tasks)
-                     + f" | {mean_std([cached[s][k][0] - online[s][0] for s in seeds])} |")
+    names = [name(k, tail) for k, tail in variants]
+    for v in names:
+        lines.append(f"| {v} | " + " | ".join(mean_std([cached[s][v][1][t] for s in seeds]) for t in tasks)
+                     + f" | {mean_std([cached[s][v][0] for s in seeds])} |")
+    for v in names:
+        diffs = {t: [cached[s][v][1][t] - online[s][1][t] for s in seeds] for t in tasks}
+        lines.append(f"| {v} diff | " + " | ".join(mean_std(diffs[t]) for t in tasks)
+                     + f" | {mean_std([cached[s][v][0] - online[s][0] for s in seeds])} |")
     spread = statistics.stdev(online_means) if len(seeds) > 1 else 0.0
     lines += ["", f"Seed spread of online RepCon's mean score: {spread:.3f} (std over seeds). For reference, "
               f"RepCon - generalist teacher (online): {mean_std([online[s][0] - generalist[s] for s in seeds])}.", ""]
-    for k in args.ks:
-        diffs = [cached[s][k][0] - online[s][0] for s in seeds]
+    for v in names:
+        diffs = [cached[s][v][0] - online[s][0] for s in seeds]
         verdict = "within" if abs(statistics.mean(diffs)) <= spread else "outside"
-        lines.append(f"- top-{k} ({cache_bytes[k]} bytes per image and epoch): mean paired difference "
+        lines.append(f"- {v} ({cache_bytes[v]} bytes per image and epoch): mean paired difference "
                      f"{statistics.mean(diffs):+.3f}, {verdict} the seed spread ({spread:.3f}).")
     teachers = list(mass[seeds[0]])
     lines += ["", "What a top-k cache keeps of each teacher's target: the share of its softened distribution (at the "
               "run's temperature) in its k largest entries, mean over the first 512 proxy images, mean ± std over "
-              "seeds (the loss renormalises the k entries and gives every other class 0):", "",
+              "seeds (a plain top-k cache's loss renormalises these k entries and gives every other class 0; a "
+              "tail-mass cache keeps this share for the k and the rest for the other classes):", "",
               "| k | " + " | ".join(teachers) + " |", "|---|" + "---:|" * len(teachers)]
     for k in args.ks:
         lines.append(f"| {k} | " + " | ".join(mean_std([mass[s][t][k] for s in seeds]) for t in teachers) + " |")

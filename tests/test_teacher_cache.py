@@ -660,3 +660,195 @@ def test_the_top_k_term_is_the_top_k_loss_with_padding_and_fp16_values():
     # Top-k loses mass: the loss differs from the dense one on the same teacher.
     dense_loss, _ = objective(StepInputs(0, {keys[0]: student, keys[1]: teacher}))
     assert abs(float(dense_loss.detach()) - float(loss.detach())) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------- tail mass
+def _tail_target(block: torch.Tensor, k: int, tau: float) -> torch.Tensor:
+    """What a tail-mass cache's teacher is, in float64: the exact top-k probabilities, the rest spread evenly."""
+    p = torch.softmax(block.double() / tau, dim=1)
+    if block.shape[1] <= k:
+        return p
+    top = p.topk(k, dim=1)
+    tail = (1 - top.values.sum(dim=1, keepdim=True)) / (block.shape[1] - k)
+    return tail.expand_as(p).clone().scatter_(1, top.indices, top.values)
+
+
+@pytest.mark.parametrize("value_dtype, tol", [("fp32", 1e-6), ("fp16", 2e-3), ("bf16", 1e-2)])
+def test_tail_fill_keeps_the_top_k_probabilities_and_the_tail_mass(value_dtype, tol):
+    """Densified at its temperature, a tail-mass row is the teacher's top-k probabilities plus its tail spread
+    evenly: on heads with fewer, as many as, one more and many more classes than k, -inf classes, sharp and
+    flat teachers."""
+    gen = torch.Generator().manual_seed(0)
+    sizes, k, taus = [3, 5, 6, 50], 5, [1.0, 2.0, 4.0, 0.5]
+    logits = torch.randn(9, sum(sizes), generator=gen) * torch.tensor([0.1, 1, 5, 30]).repeat_interleave(
+        torch.tensor([3, 3, 2, 1]))[:, None]
+    logits[0, 20] = float("-inf")  # a masked class of the 50-class teacher
+    values, indices = top_k_rows(logits, sizes, k, value_dtype, tail_temperatures=taus)
+    assert values.shape == indices.shape == (9, 4 * (k + 1))
+    vals = store.values_to_torch(values, value_dtype).float().view(9, 4, k + 1)
+    idx = torch.from_numpy(indices).view(9, 4, k + 1)
+    assert (idx[..., k] == -1).all()  # the fill entry has no class
+    assert torch.isneginf(vals[:, :2, k]).all()  # teachers stored whole have no tail
+    assert (vals[:, 2:, k] <= vals[:, 2:, k - 1]).all()  # the fill is never above the k entries
+    sparse = SparseTeacherLogits(vals[..., :k], idx[..., :k].to(torch.int32), ("a", "b", "c", "d"),
+                                 dict(zip("abcd", sizes)), vals[..., k])
+    dense = sparse.to_dense()
+    for block, got, size, tau in zip(logits.split(sizes, 1), dense.split(sizes, 1), sizes, taus):
+        want = _tail_target(block, k, tau)
+        torch.testing.assert_close(torch.softmax(got.double() / tau, dim=1), want, rtol=0, atol=tol)
+
+
+def test_tail_fill_at_the_edges_of_the_range():
+    """A tail that underflows is -inf, not an error; a tail far below the top in fp16 rounds to -inf; a tail only
+    the -inf classes make is -inf; a dense cache takes no tail."""
+    logits = torch.tensor([[0.0, -3.0, -1e5, -1e5], [0.0, 1.0, float("-inf"), float("-inf")]])
+    values, _ = top_k_rows(logits, [4], 2, "fp16", tail_temperatures=[1.0])
+    fill = store.values_to_torch(values, "fp16").float()[:, 2]
+    assert torch.isneginf(fill[1])  # its classes outside the top 2 are -inf: no mass
+    assert fill[0] < -6e4 or torch.isneginf(fill[0])
+    values, _ = top_k_rows(logits[:1], [4], 2, "fp32", tail_temperatures=[1.0])
+    assert values[0, 2] == pytest.approx(-1e5, rel=1e-6)  # fp32 keeps it: tau * (logsumexp - log 2)
+    with pytest.raises(ValueError, match="tail_temperatures needs a top-k cache"):
+        top_k_rows(logits, [4], 4, "fp32", tail_temperatures=[1.0])
+    with pytest.raises(ValueError, match="one temperature per teacher"):
+        top_k_rows(logits, [2, 2], 1, "fp32", tail_temperatures=[1.0])
+
+
+def test_sparse_teacher_logits_with_a_fill():
+    values = torch.tensor([[[2.0, 1.0], [0.5, float("-inf")]]])
+    indices = torch.tensor([[[1, 0], [2, -1]]], dtype=torch.int32)
+    sparse = SparseTeacherLogits(values, indices, ("a", "b"), {"a": 3, "b": 4}, torch.tensor([[-1.0, -2.0]]))
+    assert sparse.to_dense().tolist() == [[1.0, 2.0, -1.0, -2.0, -2.0, 0.5, -2.0]]
+    b_only = sparse.select(("b",))
+    assert b_only.fill.tolist() == [[-2.0]] and b_only.to_dense().tolist() == [[-2.0, -2.0, 0.5, -2.0]]
+    assert sparse.select(("b", "a")).fill.tolist() == [[-2.0, -1.0]]
+    with pytest.raises(ValueError, match=r"fill must be \[B, T\]"):
+        SparseTeacherLogits(values, indices, ("a", "b"), {"a": 3, "b": 4}, torch.zeros(1, 3))
+
+
+@pytest.fixture(scope="module")
+def tail_cache(tiny):
+    root, data, _ = tiny
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RCFAST_CACHE_DIR", str(root / "rcfast-cache"))
+        summary = _build(_config(data), root / "top8_tail", top_k=8, dtype="fp32", tail_mass=True)
+    return root / "top8_tail", summary
+
+
+def test_a_tail_mass_run_trains_on_the_teacher_with_its_tail(tiny, tail_cache, tmp_path):
+    """The step's multihead_kd value from a tail-mass cache is the KL to the online teachers' top-k probabilities
+    plus their tail spread evenly (computed here from the online logits, in float64)."""
+    root, data, _ = tiny
+    cache, summary = tail_cache
+    assert summary["tail_temperatures"] == [2.0, 4.0] and summary["bytes_per_image"] == 2 * 9 * (4 + 2)
+    config = _config(data, teacher_cache=str(cache), train__max_steps=2)
+    config.train.out_dir = str(tmp_path / "run")
+    trainer = Consolidator.from_config(config)
+    assert "top-8 + tail" in repr(trainer.teachers)
+    online = _online(config)
+    for _ in range(2):
+        student_before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
+        _, values, _, _ = trainer.train_step()
+        epoch, batch = trainer.streams["proxy"].position()
+        dataset = _dataset(config)
+        dataset.load_state_dict({"epoch": epoch, "batches_consumed": batch})
+        x = next(iter(dataset))
+        logits = online(TeacherRequest("proxy", 0, x, tuple(TEACHERS))).logits
+        student = copy.deepcopy(trainer.student)
+        student.load_state_dict(student_before)
+        with torch.no_grad():
+            s = student.train()(x).double()
+        want, start = 0.0, 0
+        for size, tau, w in zip(SIZES, [2.0, 4.0], [1.0, 0.5]):
+            p = _tail_target(logits[:, start:start + size], 8, tau)
+            log_q = torch.log_softmax(s[:, start:start + size] / tau, dim=1)
+            start += size
+            want = want + w * tau * tau * (p * (p.log() - log_q)).sum(dim=1)
+        assert float(values["multihead_kd"]) == pytest.approx(float(want.mean()), rel=1e-5)
+    trainer.close()
+    # Not the renormalised top-k loss: the tail moves it.
+    plain = _config(data, teacher_cache=str(root / "top8"), train__max_steps=1)
+    plain.train.out_dir = str(tmp_path / "plain")
+    with_tail = _config(data, teacher_cache=str(cache), train__max_steps=1)
+    with_tail.train.out_dir = str(tmp_path / "tail")
+    losses = []
+    for c in (plain, with_tail):
+        t = Consolidator.from_config(c)
+        losses.append(float(t.train_step()[1]["multihead_kd"]))
+        t.close()
+    assert abs(losses[0] - losses[1]) > 1e-3 * abs(losses[1])
+
+
+def test_a_tail_mass_cache_serves_its_temperature_only(tiny, tail_cache, tmp_path):
+    root, data, _ = tiny
+    cache, _ = tail_cache
+    objective = [{**data["objective"][0], "temperature": {"small": 2.0, "wide": 3.0}}]
+    config = _config(data, teacher_cache=str(cache), objective=objective)
+    config.train.out_dir = str(tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"keeps teacher 'wide'.s tail mass at temperature 4.0, but an objective "
+                                          r"term reads it at 3.0"):
+        Consolidator.from_config(config)
+    # the same config's plain top-k cache serves any temperature
+    config = _config(data, teacher_cache=str(root / "top8"), objective=objective)
+    config.train.out_dir = str(tmp_path / "plain")
+    Consolidator.from_config(config).close()
+
+
+def test_tail_mass_temperatures_come_from_the_objective(tiny, tmp_path):
+    from rcfast.train.teacher_cache import top_k_temperatures
+
+    root, data, _ = tiny
+    assert top_k_temperatures(_config(data)) == [2.0, 4.0]
+    assert top_k_temperatures(_config(data, objective=[{"term": "multihead_kd"}])) == [4.0, 4.0]
+    twice = [{"term": "multihead_kd", "name": "kd2", "heads": ["wide"], "temperature": 2.0},
+             {"term": "multihead_kd", "name": "kd4", "temperature": 4.0}]
+    with pytest.raises(ConfigError, match=r"reads teacher 'wide' at temperatures 2.0 and 4.0"):
+        top_k_temperatures(_config(data, objective=twice))
+    fused = [{**data["objective"][0], "fused_linear": True}]
+    with pytest.raises(ConfigError, match=r"no objective term reads the top-k logits of teacher\(s\) \['small', "
+                                          r"'wide'\]"):
+        _build(_config(data, objective=fused), tmp_path / "fused", top_k=8, tail_mass=True)
+    with pytest.raises(TypeError, match="tail_mass must be True or False"):
+        _build(_config(data), tmp_path / "bad", top_k=8, tail_mass="yes")
+    messages = []
+    summary = build_teacher_cache(_config(data, train__max_steps=4), tmp_path / "dense", tail_mass=True,
+                                  progress=False, log=messages.append)
+    assert summary["tail_temperatures"] is None and "nothing to add" in messages[0]
+
+
+def test_a_cache_from_before_the_tail_mass_still_reads(tiny, tmp_path):
+    """Manifests written before storage.tail_temperatures existed read as caches without a tail."""
+    root, data, _ = tiny
+    cache = _copy_cache(root / "top8", tmp_path / "old")
+    manifest = json.loads((cache / "manifest.json").read_text())
+    del manifest["storage"]["tail_temperatures"]
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    source = CachedTeachers(cache, _dataset(_config(data)), epochs=[0])
+    assert source.tail_temperatures is None
+    manifest["storage"]["tail_temperatures"] = [2.0]  # one per teacher, or null
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match="tail_temperatures must be null or one temperature > 0 per teacher"):
+        CachedTeachers(cache, _dataset(_config(data)))
+    manifest["storage"]["tail_temperatures"] = [2.0, 4.0]  # a tail changes the row width: the layout must agree
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match="does not fit a top-8 cache"):
+        CachedTeachers(cache, _dataset(_config(data)))
+
+
+def test_the_cli_builds_a_tail_mass_cache(tiny, tmp_path, capsys):
+    from helpers.cache_run import write_config
+    from rcfast.cli import main
+
+    _, data, _ = tiny
+    changed = copy.deepcopy(data)
+    changed["train"]["max_steps"] = 4
+    config = write_config(tmp_path / "run.yaml", changed)
+    assert main(["cache-teachers", "--config", str(config), "--top-k", "8", "--tail-mass",
+                 "--out", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[:out.rindex("}") + 1])
+    assert summary["tail_temperatures"] == [2.0, 4.0] and summary["bytes_per_image"] == 2 * 9 * (2 + 2)
+    # a tail-mass build into a plain cache's folder is refused
+    assert main(["cache-teachers", "--config", str(config), "--top-k", "8", "--out", str(tmp_path / "c"),
+                 "--no-tail-mass"]) == 2
+    assert "tail_temperatures=[2.0, 4.0]" in capsys.readouterr().err

@@ -344,12 +344,17 @@ class RunConfig:
         if AUGMENTS is not None and d.augment not in AUGMENTS:
             raise ConfigError(f"data.augment must be one of {AUGMENTS}, got {d.augment!r}")
 
-    def _check_objective(self, heads: dict[str, int]) -> None:
+    def _check_objective(self, heads: dict[str, int]) -> list:
         from rcfast.train.objectives import Objective, RunLayout
 
         layout = RunLayout(heads=heads, teachers={tc.name: tc.num_classes for tc in self.teachers},
                            streams=self.stream_infos(), loss_backend=self.train.loss_backend)
-        Objective.from_specs(self.objective).check_layout(layout)
+        return Objective.from_specs(self.objective).check_layout(layout)
+
+    def objective_inputs(self) -> list:
+        """The inputs (:mod:`rcfast.train.objectives.inputs` keys) the objective's terms declare for this run."""
+        self.validate()
+        return self._check_objective(self.student_heads())
 
 
 def _check_kwargs(key: str, kwargs: dict) -> None:

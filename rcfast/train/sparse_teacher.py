@@ -9,6 +9,13 @@ class; an entry whose value is ``-inf`` is padding (a teacher with fewer than k
 classes), its index is never read. This is the input of
 :func:`rcfast.sparse_multihead_kd_loss`.
 
+A cache built with its *tail mass* (``rcfast cache-teachers --tail-mass``)
+also gives ``fill [B, T]``: the logit of every class outside the k. It is
+chosen so that at the run's temperature the teacher's softmax keeps its exact
+top-k probabilities and the exact total mass of the other classes, spread
+evenly over them (as FKD's soft labels do), instead of renormalising the k
+entries; see :func:`rcfast.train.teacher_cache.top_k_rows`.
+
 Terms that can use a top-k teacher declare ``TeacherLogits(..., top_k_ok=True)``
 and receive this object instead of a tensor when the run's teacher source has
 only the top k; the others are refused before training.
@@ -27,13 +34,16 @@ __all__ = ["SparseTeacherLogits"]
 class SparseTeacherLogits:
     """Top-k teacher logits of a batch: ``values [B, T, k]``, ``indices [B, T, k]`` (int32), ``teachers`` (T names).
 
-    ``num_classes[t]`` is teacher ``t``'s number of classes (the range of its indices).
+    ``num_classes[t]`` is teacher ``t``'s number of classes (the range of its
+    indices). ``fill [B, T]`` (optional): the logit of each class outside the
+    top k; ``None`` means ``-inf`` (probability 0: the k entries renormalised).
     """
 
     values: torch.Tensor
     indices: torch.Tensor
     teachers: tuple[str, ...]
     num_classes: Mapping[str, int]
+    fill: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.teachers = tuple(self.teachers)
@@ -42,6 +52,8 @@ class SparseTeacherLogits:
                              f"{tuple(self.indices.shape)}")
         if self.values.shape[1] != len(self.teachers):
             raise ValueError(f"values hold {self.values.shape[1]} teachers but {len(self.teachers)} are named")
+        if self.fill is not None and self.fill.shape != self.values.shape[:2]:
+            raise ValueError(f"fill must be [B, T] = {tuple(self.values.shape[:2])}, got {tuple(self.fill.shape)}")
 
     @property
     def top_k(self) -> int:
@@ -63,23 +75,28 @@ class SparseTeacherLogits:
             raise KeyError(f"no top-k logits of teacher(s) {missing}; these hold {list(self.teachers)}")
         rows = [position[t] for t in teachers]
         if rows == list(range(rows[0], rows[0] + len(rows))):
-            values, indices = self.values[:, rows[0]:rows[-1] + 1], self.indices[:, rows[0]:rows[-1] + 1]
+            pick = lambda x: None if x is None else x[:, rows[0]:rows[-1] + 1]  # noqa: E731
         else:
             index = torch.tensor(rows, device=self.values.device)
-            values, indices = self.values.index_select(1, index), self.indices.index_select(1, index)
-        return SparseTeacherLogits(values, indices, teachers, self.num_classes)
+            pick = lambda x: None if x is None else x.index_select(1, index)  # noqa: E731
+        return SparseTeacherLogits(pick(self.values), pick(self.indices), teachers, self.num_classes,
+                                   pick(self.fill))
 
     def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Packed ``[B, sum(C_t)]`` logits with ``-inf`` at every class outside the top k.
+        """Packed ``[B, sum(C_t)]`` logits: the k entries at their classes, ``fill`` (or ``-inf``) at every other.
 
-        The dense loss on this tensor is the top-k loss (a ``-inf`` teacher
-        logit has probability 0), so it is the reference semantics of the
-        sparse loss; it costs the dense memory the top-k form saves.
+        Without ``fill`` the dense loss on this tensor is the top-k loss (a
+        ``-inf`` teacher logit has probability 0), so it is the reference
+        semantics of the sparse loss; with ``fill`` it is the teacher with its
+        tail mass. Either way it costs the dense memory the top-k form saves.
         """
         batch = self.values.shape[0]
         blocks = []
         for t, size in enumerate(self.splits):
-            block = torch.full((batch, size), float("-inf"), dtype=dtype, device=self.values.device)
+            if self.fill is None:
+                block = torch.full((batch, size), float("-inf"), dtype=dtype, device=self.values.device)
+            else:
+                block = self.fill[:, t:t + 1].to(dtype).expand(batch, size)
             values = self.values[:, t].to(dtype)
             entry = ~torch.isneginf(values)
             # Padding entries scatter -inf onto class 0: a no-op unless a real entry is there,

@@ -102,13 +102,22 @@ class TeacherLogits(InputKey):
     teachers as their top-k logits (a
     :class:`~rcfast.train.sparse_teacher.SparseTeacherLogits`), which is what a
     top-k teacher cache gives; without it such a cache is refused before training.
+    ``temperatures`` (with ``accepts_top_k``): the temperature at which the
+    term reads each teacher, in order -- a cache built with its tail mass
+    (which depends on the temperature) is refused for any other.
     """
 
     teachers: tuple[str, ...]
     accepts_top_k: bool = False
+    temperatures: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "teachers", tuple(self.teachers))
+        if self.temperatures is not None:
+            object.__setattr__(self, "temperatures", tuple(float(t) for t in self.temperatures))
+            if len(self.temperatures) != len(self.teachers):
+                raise ValueError(f"temperatures must give one value per teacher {list(self.teachers)}, got "
+                                 f"{list(self.temperatures)}")
 
 
 @dataclass(frozen=True)

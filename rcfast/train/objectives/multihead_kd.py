@@ -21,7 +21,12 @@ run's ``train.loss_backend``; per-head values are logged as parts. The
 teachers may come as their top-k logits (a top-k teacher cache,
 :class:`~rcfast.train.sparse_teacher.SparseTeacherLogits`): the loss is then the
 top-k loss, the teacher's softmax over its k entries and 0 elsewhere, computed by the
-fused :func:`rcfast.sparse_multihead_kd_loss` (no dense teacher is built).
+fused :func:`rcfast.sparse_multihead_kd_loss` (no dense teacher is built). A
+cache built with its tail mass also gives each teacher's ``fill`` logit for the
+classes outside its k: the term then builds the dense teacher
+(``SparseTeacherLogits.to_dense``, ``B x sum(C)`` floats) and uses the dense
+fused loss, whose target keeps the tail's mass (at the temperature the cache was
+built for, which must be the term's).
 """
 from __future__ import annotations
 
@@ -59,7 +64,10 @@ def _check_per_head(option: str, value, positive: bool) -> None:
 
 
 def _kd_loss(student: torch.Tensor, teacher, **options) -> torch.Tensor:
-    """The fused KD loss against dense packed teacher logits, or against top-k ones."""
+    """The fused KD loss against dense packed teacher logits, or against top-k ones (with or without a tail)."""
+    if isinstance(teacher, SparseTeacherLogits) and teacher.fill is not None:
+        # Every class outside the k has the fill logit: a dense target (the top-k loss would drop the tail).
+        return multihead_kd_loss(student, teacher.to_dense(torch.float32), **options)
     if isinstance(teacher, SparseTeacherLogits):
         # The fused top-k op reads the k stored logits per head and never builds the dense teacher
         # (which is the reference semantics: -inf, p = 0, outside the top k; see to_dense).
@@ -132,7 +140,8 @@ class MultiHeadKD(Term):
             self.student_key = setup.need(StudentLogits(stream, tuple(self.head_names)))
         # The fused linear op takes dense teacher logits only: a top-k cache is refused before training.
         self.teacher_key = setup.need(TeacherLogits(stream, tuple(pairs.values()),
-                                                    accepts_top_k=not self.fused_linear))
+                                                    accepts_top_k=not self.fused_linear,
+                                                    temperatures=None if self.fused_linear else self.temperatures))
 
     def _fused_linear_loss(self, step: StepInputs, rows: slice | None = None, **options) -> torch.Tensor:
         """The loss with the head fused in, over all distilled heads or the packed ``rows`` of one."""

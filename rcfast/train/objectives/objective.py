@@ -134,14 +134,15 @@ class Objective(nn.Module):
             entries.append((name, float(weight), _build_term(spec, f"objective[{i}]")))
         return cls(entries)
 
-    def check_layout(self, layout: RunLayout) -> None:
+    def check_layout(self, layout: RunLayout) -> list[InputKey]:
         """Check the terms against a run's layout from its config alone (no models; nothing is kept).
 
         Terms are bound to throw-away copies of themselves: a term's bind runs
         until it needs a model (``setup.probe``); the rest is checked when the
-        trainer binds the objective to the real models.
+        trainer binds the objective to the real models. Returns the inputs the
+        terms declared (those of a term that needs a model are missing).
         """
-        copy.deepcopy(self)._bind_terms(layout, stop_at_probe=True)
+        return copy.deepcopy(self)._bind_terms(layout, stop_at_probe=True)
 
     @property
     def names(self) -> list[str]:

@@ -14,13 +14,17 @@ can be computed once, ahead of time:
 - a run whose config says ``teacher_cache: DIR`` reads them instead
   (:class:`CachedTeachers`, a :class:`~rcfast.train.teachers.TeacherSource`),
   through the sparse loss, or the dense loss when every teacher is stored whole.
+  With ``--tail-mass`` the cache also keeps, per (sample, teacher), the mass of
+  the classes outside the top k (at the run's temperature, spread evenly over
+  them), and the run's target is the teacher's exact top-k probabilities plus
+  that tail instead of the k entries renormalised.
 
 See docs/teacher_cache.md.
 """
-from rcfast.train.teacher_cache.build import build_teacher_cache, run_epochs_needed, top_k_rows
+from rcfast.train.teacher_cache.build import build_teacher_cache, run_epochs_needed, top_k_rows, top_k_temperatures
 from rcfast.train.teacher_cache.manifest import read_manifest, run_pins
 from rcfast.train.teacher_cache.source import CachedTeachers
 from rcfast.train.teacher_cache.store import CacheError, Layout, TeacherCacheFiles
 
 __all__ = ["build_teacher_cache", "CachedTeachers", "CacheError", "Layout", "TeacherCacheFiles", "read_manifest",
-           "run_pins", "run_epochs_needed", "top_k_rows"]
+           "run_pins", "run_epochs_needed", "top_k_rows", "top_k_temperatures"]

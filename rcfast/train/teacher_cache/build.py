@@ -30,17 +30,40 @@ from tqdm.auto import tqdm
 from rcfast.data.plan import num_batches
 from rcfast.train.config import ConfigError, RunConfig
 from rcfast.train.distributed import setup_distributed
-from rcfast.train.teacher_cache.manifest import check_pins, read_manifest, run_pins, write_manifest
+from rcfast.train.objectives.inputs import TeacherLogits
+from rcfast.train.teacher_cache.manifest import check_pins, read_manifest, row_width, run_pins, write_manifest
 from rcfast.train.teacher_cache.store import (INDEX_DTYPES, VALUE_DTYPES, CacheError, Layout, chunk_problem,
                                               write_chunk)
 from rcfast.train.teachers import OnlineTeachers, TeacherRequest, load_teacher
 
-__all__ = ["build_teacher_cache", "top_k_rows", "run_epochs_needed", "CHUNK_BYTES"]
+__all__ = ["build_teacher_cache", "top_k_rows", "top_k_temperatures", "run_epochs_needed", "CHUNK_BYTES"]
 
 CHUNK_BYTES = 64 << 20
 """About how large one chunk file is (a whole number of batches; at least one)."""
 _AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _INT16_MAX_CLASSES = 32768  # indices 0 .. 32767 fit int16
+
+
+def top_k_temperatures(config: RunConfig) -> list[float]:
+    """Per teacher (in config order): the temperature at which the run's terms read its top-k logits.
+
+    What a tail-mass cache is built for. A teacher read at two temperatures, or by no
+    term that takes top-k logits, is a :class:`ConfigError`.
+    """
+    found: dict[str, float] = {}
+    for key in config.objective_inputs():
+        if not (isinstance(key, TeacherLogits) and key.accepts_top_k and key.temperatures is not None):
+            continue
+        for teacher, tau in zip(key.teachers, key.temperatures):
+            if found.setdefault(teacher, tau) != tau:
+                raise ConfigError(f"--tail-mass: the objective reads teacher {teacher!r} at temperatures "
+                                  f"{found[teacher]} and {tau}; a tail is stored for one temperature: use one, "
+                                  "or build without --tail-mass")
+    missing = [tc.name for tc in config.teachers if tc.name not in found]
+    if missing:
+        raise ConfigError(f"--tail-mass: no objective term reads the top-k logits of teacher(s) {missing} (only "
+                          "multihead_kd does, without fused_linear); build without --tail-mass")
+    return [found[tc.name] for tc in config.teachers]
 
 
 def run_epochs_needed(max_steps: int, num_images: int, num_shards: int, batch_size: int, drop_last: bool) -> int:
@@ -56,7 +79,8 @@ def run_epochs_needed(max_steps: int, num_images: int, num_shards: int, batch_si
 
 
 def top_k_rows(packed: torch.Tensor, sizes: list[int], top_k: int, value_dtype: str,
-               describe_row=lambda row: f"row {row}", names: list[str] | None = None):
+               describe_row=lambda row: f"row {row}", names: list[str] | None = None,
+               tail_temperatures: list[float] | None = None):
     """The cache rows of packed ``[n, sum(sizes)]`` teacher logits: ``(values, indices)``, numpy ``[n, W]``.
 
     A dense cache (``top_k >= max(sizes)``) stores the packed logits themselves
@@ -71,10 +95,23 @@ def top_k_rows(packed: torch.Tensor, sizes: list[int], top_k: int, value_dtype: 
     ignores the shift, and the rounding then falls on the differences the
     distribution depends on. NaN or ``+inf`` logits, or a teacher with only
     ``-inf`` for a sample, are an error naming the teacher (``names``) and ``describe_row(row)``.
+
+    With ``tail_temperatures`` (one temperature per teacher; top-k only), each
+    teacher's block has one more entry after its k, its *fill* (index -1): the
+    logit to give every class outside the top k so that the softmax at that
+    temperature keeps the mass of those classes, spread evenly::
+
+        fill = tau * (logsumexp(z[outside] / tau) - log(C - k))
+
+    Then ``exp(fill/tau) * (C - k) = sum(exp(z[outside]/tau))``, so the
+    partition function, the k probabilities and the total tail mass are exact.
+    ``W = T * (k + 1)``. A teacher stored whole has ``-inf`` there.
     """
     names = names or [str(t) for t in range(len(sizes))]
     n = packed.shape[0]
     dense = top_k >= max(sizes)
+    if tail_temperatures is not None and (dense or len(tail_temperatures) != len(sizes)):
+        raise ValueError("tail_temperatures needs a top-k cache and one temperature per teacher")
     blocks = packed.float().split(list(sizes), dim=1)
     for t, block in enumerate(blocks):
         bad = torch.isnan(block).any(dim=1) | torch.isposinf(block).any(dim=1) | torch.isneginf(block).all(dim=1)
@@ -87,21 +124,33 @@ def top_k_rows(packed: torch.Tensor, sizes: list[int], top_k: int, value_dtype: 
         parts = list(blocks)
     else:
         parts, index_parts = [], []
-        for size, block in zip(sizes, blocks):
+        for t, (size, block) in enumerate(zip(sizes, blocks)):
             if size <= top_k:
                 pad = top_k - size
-                parts.append(torch.nn.functional.pad(block, (0, pad), value=float("-inf")))
-                index_parts.append(torch.cat([torch.arange(size, dtype=index_dtype).expand(n, size),
-                                              torch.full((n, pad), -1, dtype=index_dtype)], dim=1))
+                values = torch.nn.functional.pad(block, (0, pad), value=float("-inf"))
+                index = torch.cat([torch.arange(size, dtype=index_dtype).expand(n, size),
+                                   torch.full((n, pad), -1, dtype=index_dtype)], dim=1)
+                fill = torch.full((n, 1), float("-inf"), dtype=block.dtype, device=block.device)
             else:
-                top_values, top_indices = block.topk(top_k, dim=1)
-                parts.append(top_values)
-                index_parts.append(top_indices.cpu().to(index_dtype))
+                values, top_indices = block.topk(top_k, dim=1)
+                index = top_indices.cpu().to(index_dtype)
+                fill = None if tail_temperatures is None else _tail_fill(block, top_indices, tail_temperatures[t])
+            if tail_temperatures is not None:
+                values = torch.cat([values, fill], dim=1)
+                index = torch.nn.functional.pad(index, (0, 1), value=-1)
+            parts.append(values)
+            index_parts.append(index)
         indices = torch.cat(index_parts, dim=1).numpy()
     if value_dtype != "fp32":
+        # The fill is never above the k entries, so the shift is the top entry's either way.
         exact = parts if dense else [part - part.amax(dim=1, keepdim=True) for part in parts]
         stored = [part.to(VALUE_DTYPES[value_dtype][1]) for part in exact]
-        for t, (before, rounded) in enumerate(zip(exact, stored)):
+        stored_check, exact_check = stored, exact
+        if tail_temperatures is not None:
+            # A fill below the dtype's range rounds to -inf, which is what it weighs: exp(-65504 / tau) = 0
+            # at any allowed tau. Only the k entries must fit.
+            stored_check, exact_check = [p[:, :-1] for p in stored], [p[:, :-1] for p in exact]
+        for t, (before, rounded) in enumerate(zip(exact_check, stored_check)):
             overflow = torch.isinf(rounded) & ~torch.isinf(before)
             if bool(overflow.any()):
                 row = int(overflow.any(dim=1).nonzero()[0])
@@ -118,6 +167,17 @@ def top_k_rows(packed: torch.Tensor, sizes: list[int], top_k: int, value_dtype: 
     if indices is not None:
         indices = indices.astype(INDEX_DTYPES["int16" if index_dtype == torch.int16 else "int32"], copy=False)
     return values_np, indices
+
+
+def _tail_fill(block: torch.Tensor, top_indices: torch.Tensor, tau: float) -> torch.Tensor:
+    """``[n, 1]``: the logit that, given to each class outside ``top_indices``, keeps their total mass at ``tau``.
+
+    ``tau * (logsumexp(z[outside] / tau) - log(C - k))``, in float64.
+    """
+    size, top_k = block.shape[1], top_indices.shape[1]
+    z = (block.double() / tau).scatter(1, top_indices, float("-inf"))
+    tail = torch.logsumexp(z, dim=1, keepdim=True)
+    return (tau * (tail - math.log(size - top_k))).to(block.dtype)
 
 
 @contextlib.contextmanager
@@ -174,7 +234,7 @@ def _version() -> str:
 
 def build_teacher_cache(config: RunConfig, out: str | Path, *, epochs: int | None = None, top_k: int | None = None,
                         dtype: str | None = None, num_shards: int | None = None, chunk_batches: int | None = None,
-                        progress: bool = True, log=print) -> dict:
+                        tail_mass: bool = False, progress: bool = True, log=print) -> dict:
     """Build (or finish, or extend) the teacher cache of ``config`` in ``out``; return a summary.
 
     Args:
@@ -187,9 +247,15 @@ def build_teacher_cache(config: RunConfig, out: str | Path, *, epochs: int | Non
         num_shards: the rank count of the runs that will read it bitwise (default: the
             ``torchrun`` world size, else 1); any rank count can read it.
         chunk_batches: batches per chunk file (default: about :data:`CHUNK_BYTES` per file).
+        tail_mass: (top-k) also store, per (sample, teacher), the logit that keeps
+            the mass of the classes outside the top k at the temperature the
+            run's ``multihead_kd`` term reads that teacher (:func:`top_k_rows`):
+            the run's target is then the teacher's exact top-k probabilities
+            plus its tail spread evenly, not the k entries renormalised. One
+            more value per teacher; such a cache serves only that temperature.
 
     Returns ``{out, epochs, images_per_epoch, top_k, value_dtype, index_dtype,
-    bytes_per_image, bytes, chunks_built, chunks_reused, build_seconds}``.
+    tail_temperatures, bytes_per_image, bytes, chunks_built, chunks_reused, build_seconds}``.
     """
     from rcfast.data import ProxyImages
 
@@ -219,6 +285,13 @@ def build_teacher_cache(config: RunConfig, out: str | Path, *, epochs: int | Non
         raise ValueError(f"dtype must be one of {list(VALUE_DTYPES)}, got {dtype!r}")
     if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs <= 0):
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    if not isinstance(tail_mass, bool):
+        raise TypeError(f"tail_mass must be True or False, got {tail_mass!r}")
+    tail_temperatures = None
+    if tail_mass and dense:
+        log("[cache-teachers] a dense cache keeps every class: --tail-mass has nothing to add")
+    elif tail_mass:
+        tail_temperatures = top_k_temperatures(config)
     root = Path(out)
 
     def dataset(shard: int) -> ProxyImages:
@@ -247,14 +320,15 @@ def build_teacher_cache(config: RunConfig, out: str | Path, *, epochs: int | Non
     storage = {"top_k": top_k, "value_dtype": dtype,
                "values_are": "logits" if dense or dtype == "fp32" else "logits minus the sample's max",
                "index_dtype": None if dense else ("int16" if max(sizes) <= _INT16_MAX_CLASSES else "int32"),
-               "logits_dtype": str(probe.logits.dtype).replace("torch.", "")}
-    row_width = sum(sizes) if dense else len(sizes) * top_k
-    row_bytes = row_width * (np.dtype(VALUE_DTYPES[dtype][0]).itemsize
+               "logits_dtype": str(probe.logits.dtype).replace("torch.", ""),
+               "tail_temperatures": tail_temperatures}
+    width = row_width(sizes, top_k, tail_temperatures is not None)
+    row_bytes = width * (np.dtype(VALUE_DTYPES[dtype][0]).itemsize
                              + (np.dtype(INDEX_DTYPES[storage["index_dtype"]]).itemsize if not dense else 0))
     if chunk_batches is None:
         chunk_batches = max(1, CHUNK_BYTES // (row_bytes * d.batch_size))
     layout = Layout(num_images=first.total_images, num_shards=num_shards, batch_size=d.batch_size,
-                    chunk_batches=chunk_batches, row_width=row_width, value_dtype=dtype,
+                    chunk_batches=chunk_batches, row_width=width, value_dtype=dtype,
                     index_dtype=storage["index_dtype"], seed=t.seed, shuffle=first.shuffle)
     if ctx.is_main:
         epochs = _settle_manifest(root, pins, epochs, storage, layout, log)
@@ -276,7 +350,7 @@ def build_teacher_cache(config: RunConfig, out: str | Path, *, epochs: int | Non
             for epoch in range(epochs):
                 for shard in my_shards:
                     b, r = _build_shard_epoch(root, layout, epoch, shard, datasets[shard], online, names, sizes,
-                                              top_k, bar)
+                                              top_k, tail_temperatures, bar)
                     built, reused = built + b, reused + r
     finally:
         bar.close()
@@ -285,7 +359,8 @@ def build_teacher_cache(config: RunConfig, out: str | Path, *, epochs: int | Non
     ctx.barrier()
     seconds = time.perf_counter() - started
     summary = {"out": str(root), "epochs": epochs, "images_per_epoch": layout.num_images, "top_k": top_k,
-               "value_dtype": dtype, "index_dtype": storage["index_dtype"], "bytes_per_image": layout.row_bytes,
+               "value_dtype": dtype, "index_dtype": storage["index_dtype"], "tail_temperatures": tail_temperatures,
+               "bytes_per_image": layout.row_bytes,
                "bytes": layout.row_bytes * layout.num_images * epochs, "chunks_built": built,
                "chunks_reused": reused, "build_seconds": seconds}
     ctx.shutdown()
@@ -293,7 +368,8 @@ def build_teacher_cache(config: RunConfig, out: str | Path, *, epochs: int | Non
 
 
 def _build_shard_epoch(root: Path, layout: Layout, epoch: int, shard: int, data, online: OnlineTeachers,
-                       names: tuple[str, ...], sizes: list[int], top_k: int, bar) -> tuple[int, int]:
+                       names: tuple[str, ...], sizes: list[int], top_k: int, tail_temperatures: list[float] | None,
+                       bar) -> tuple[int, int]:
     """Build the missing chunks of one (epoch, shard); return ``(chunks built, chunks already there)``."""
     todo = [c for c in range(layout.num_chunks(shard))
             if chunk_problem(root, layout, epoch, shard, c, verify=True) is not None]
@@ -322,7 +398,8 @@ def _build_shard_epoch(root: Path, layout: Layout, epoch: int, shard: int, data,
             def describe(row: int, samples=samples) -> str:
                 return f"image {data.paths[int(samples[row])]} (epoch {epoch}, sample {int(samples[row])})"
 
-            batch_values, batch_indices = top_k_rows(packed, sizes, top_k, layout.value_dtype, describe, list(names))
+            batch_values, batch_indices = top_k_rows(packed, sizes, top_k, layout.value_dtype, describe, list(names),
+                                                     tail_temperatures)
             values[filled:filled + len(samples)] = batch_values
             if indices is not None:
                 indices[filled:filled + len(samples)] = batch_indices

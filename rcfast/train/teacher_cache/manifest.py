@@ -17,17 +17,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
 from rcfast.train.teacher_cache.store import CacheError, Layout, atomic_write, sha256_file
 
 __all__ = ["FORMAT", "MANIFEST_NAME", "run_pins", "listing_sha256", "teacher_pins", "check_pins", "read_manifest",
-           "write_manifest", "STORAGE_KEYS"]
+           "write_manifest", "STORAGE_KEYS", "row_width"]
 
 FORMAT = "rcfast.teacher_cache/1"
 MANIFEST_NAME = "manifest.json"
-STORAGE_KEYS = ("top_k", "value_dtype", "values_are", "index_dtype", "logits_dtype")
+STORAGE_KEYS = ("top_k", "value_dtype", "values_are", "index_dtype", "logits_dtype", "tail_temperatures")
+# Caches written before the tail mass existed have no tail_temperatures: they read as null (no tail).
+_OPTIONAL_STORAGE = {"tail_temperatures": None}
 _MAX_MANIFEST_BYTES = 16 << 20
 
 # What a pinned field is called in a run config, for the refusal message.
@@ -126,9 +129,18 @@ def check_pins(cache_root, cached: dict, run: dict) -> None:
                      "`rcfast cache-teachers` (another --out), or run the teachers online (no teacher_cache)")
 
 
-def _check_storage(storage) -> dict:
+def _check_storage(storage, num_teachers: int | None = None) -> dict:
+    if isinstance(storage, dict):
+        storage = {**_OPTIONAL_STORAGE, **storage}
     if not isinstance(storage, dict) or set(storage) != set(STORAGE_KEYS):
         raise CacheError(f"manifest storage must have exactly the keys {list(STORAGE_KEYS)}")
+    tail = storage["tail_temperatures"]
+    if tail is not None and (not isinstance(tail, list) or not tail
+                             or (num_teachers is not None and len(tail) != num_teachers)
+                             or any(isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf
+                                    for t in tail)):
+        raise CacheError(f"manifest storage.tail_temperatures must be null or one temperature > 0 per teacher, got "
+                         f"{tail!r}")
     if storage["values_are"] not in ("logits", "logits minus the sample's max"):
         raise CacheError(f"manifest storage.values_are is {storage['values_are']!r}")
     if storage["logits_dtype"] not in ("float32", "bfloat16", "float16"):
@@ -163,19 +175,29 @@ def read_manifest(root: str | Path) -> dict:
                 or isinstance(teacher.get("num_classes"), bool) or not isinstance(teacher.get("num_classes"), int)
                 or teacher["num_classes"] <= 0):
             raise CacheError(f"{path}: pins.teachers[{i}] needs a name and num_classes > 0")
-    storage = _check_storage(manifest.get("storage"))
+    storage = _check_storage(manifest.get("storage"), len(pins["teachers"]))
+    manifest["storage"] = storage
     layout = Layout.from_dict(manifest.get("layout"))
     sizes = [t["num_classes"] for t in pins["teachers"]]
     top_k = storage["top_k"]
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0:
         raise CacheError(f"{path}: storage.top_k must be a positive integer, got {top_k!r}")
     dense = top_k >= max(sizes)
-    width = sum(sizes) if dense else len(sizes) * top_k
+    if dense and storage["tail_temperatures"] is not None:
+        raise CacheError(f"{path}: a dense cache has no tail (storage.tail_temperatures must be null)")
+    width = row_width(sizes, top_k, storage["tail_temperatures"] is not None)
     if layout.row_width != width or (layout.index_dtype is None) != dense:
         raise CacheError(f"{path}: the layout (row_width={layout.row_width}, index_dtype={layout.index_dtype}) does "
                          f"not fit {'a dense' if dense else f'a top-{top_k}'} cache of teachers with {sizes} classes")
     manifest["layout"] = layout
     return manifest
+
+
+def row_width(sizes: list[int], top_k: int, tail: bool) -> int:
+    """Values per (epoch, sample): every logit (dense), ``k`` per teacher, or ``k + 1`` with the tail's fill."""
+    if top_k >= max(sizes):
+        return sum(sizes)
+    return len(sizes) * (top_k + (1 if tail else 0))
 
 
 def write_manifest(root: str | Path, pins: dict, epochs: int, storage: dict, layout: Layout,

@@ -9,7 +9,9 @@ any term; a top-k cache gives
 :class:`~rcfast.train.sparse_teacher.SparseTeacherLogits`, to the terms that
 accept them (``TeacherLogits(..., accepts_top_k=True)``: ``multihead_kd``,
 which feeds them to the sparse loss); a term that needs dense logits is
-refused before training.
+refused before training. A cache built with ``--tail-mass`` adds each
+teacher's ``fill`` (the logit of its classes outside the k) and is refused for
+a term that reads the teacher at another temperature than it was built for.
 
 :meth:`CachedTeachers.for_run` opens a cache for a run and refuses it before
 training when it does not match: other data, seed, augmentation, image size,
@@ -62,6 +64,8 @@ class CachedTeachers(TeacherSource):
         self.num_classes = {t["name"]: int(t["num_classes"]) for t in teachers}
         self.order = tuple(self.num_classes)
         self.top_k = int(self.storage["top_k"])
+        tail = self.storage["tail_temperatures"]
+        self.tail_temperatures = None if tail is None else dict(zip(self.order, map(float, tail)))
         self.logits_dtype = getattr(torch, self.storage["logits_dtype"])
         self.files = TeacherCacheFiles(self.root, self.layout)
         total = getattr(dataset, "total_images", self.layout.num_images)
@@ -116,6 +120,16 @@ class CachedTeachers(TeacherSource):
                 raise ConfigError(f"an objective term needs the dense logits of teachers {list(key.teachers)}, but "
                                   f"the teacher cache {self.root} holds their top {self.top_k} only: build a "
                                   "dense cache (cache-teachers without --top-k) or run the teachers online")
+            if self.tail_temperatures is not None and not self.dense:
+                # The stored fill keeps the tail's mass at one temperature only.
+                read_at = key.temperatures or (None,) * len(key.teachers)
+                for teacher, tau in zip(key.teachers, read_at):
+                    built = self.tail_temperatures.get(teacher)
+                    if tau is None or built is None or not math.isclose(tau, built, rel_tol=1e-6):
+                        raise ConfigError(f"the teacher cache {self.root} keeps teacher {teacher!r}'s tail mass at "
+                                          f"temperature {built}, but an objective term reads it at {tau}: build "
+                                          "the cache from this config (cache-teachers --tail-mass), or without "
+                                          "--tail-mass")
 
     def __call__(self, request: TeacherRequest) -> TeacherOutputs:
         if request.stream != self.stream:
@@ -140,14 +154,19 @@ class CachedTeachers(TeacherSource):
             packed = select_columns(values, self.order, self.num_classes, request.teachers)
             return TeacherOutputs(packed.to(self.device, self.logits_dtype, non_blocking=True))
         rows = [self.order.index(t) for t in request.teachers]
-        values = values.view(len(samples), len(self.order), self.top_k)[:, rows]
-        indices = torch.from_numpy(indices_np).view(len(samples), len(self.order), self.top_k)[:, rows]
+        entries = self.top_k + (0 if self.tail_temperatures is None else 1)
+        values = values.view(len(samples), len(self.order), entries)[:, rows]
+        indices = torch.from_numpy(indices_np).view(len(samples), len(self.order), entries)[:, rows]
+        fill = None
+        if self.tail_temperatures is not None:  # each teacher's last entry is its tail's fill logit
+            values, fill = values[..., :self.top_k], values[..., self.top_k].to(self.device, non_blocking=True)
+            indices = indices[..., :self.top_k]
         indices = indices.to(torch.int32)
         return TeacherOutputs(SparseTeacherLogits(values.to(self.device, non_blocking=True),
                                                   indices.to(self.device, non_blocking=True),
-                                                  request.teachers, self.num_classes))
+                                                  request.teachers, self.num_classes, fill))
 
     def __repr__(self) -> str:
-        kind = "dense" if self.dense else f"top-{self.top_k}"
+        kind = "dense" if self.dense else f"top-{self.top_k}" + (" + tail" if self.tail_temperatures else "")
         return (f"CachedTeachers({str(self.root)!r}, {kind}, {VALUE_DTYPES[self.layout.value_dtype][1]}, "
                 f"teachers={list(self.order)}, epochs={self.manifest['epochs']})")
