@@ -3,13 +3,14 @@
 The demo's data and teachers (``rcfast.train.demo``: a generalist of 10 digits
 and two task teachers of 5) are built once; then, for each seed, the demo's
 RepCon student is trained with online teachers and from top-k fp16 caches
-(``--ks``; a teacher with at most k classes is stored whole), all with the same
-step budget, and every student backbone is frozen and scored on the demo's
+(``--ks``; a teacher with at most k classes is stored whole; ``--tail both``,
+the default: each k once plain -- the loss renormalises the k entries -- and
+once with ``tail_mass``, ``top{k}+tail``), all with the same step budget, and every student backbone is frozen and scored on the demo's
 downstream tasks (linear probe and kNN, as ``rcfast demo`` does). The table
 gives mean +- std over the seeds per variant, and the mean +- std of each seed's
 paired difference to online (same seed: same data order and initialisation).
 
-    python bench/bench_cache_accuracy.py [--quick] [--seeds 3] [--ks 1 2 4] [--teacher-steps 150]
+    python bench/bench_cache_accuracy.py [--quick] [--seeds 3] [--ks 1 2 4] [--tail both] [--teacher-steps 150]
         [--student-steps 200] [--batch-size 64]
 
 prints a markdown table (and, without --quick, writes bench/results/cache_accuracy.md).
@@ -61,6 +62,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny budgets (a smoke test)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--tail", default="both", choices=("off", "on", "both"),
+                        help="plain top-k caches, tail-mass ones, or both (default)")
     parser.add_argument("--teacher-steps", type=int, default=None)
     parser.add_argument("--student-steps", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
@@ -90,7 +93,8 @@ def main() -> None:
         tasks = manifest["downstream"]
         task_data = {name: (_labeled(task["train"], settings), _labeled(task["test"], settings))
                      for name, task in tasks.items()}
-        variants = ["online"] + [f"top{k}" for k in args.ks]
+        tails = {"off": [""], "on": ["+tail"], "both": ["", "+tail"]}[args.tail]
+        variants = ["online"] + [f"top{k}{tail}" for k in args.ks for tail in tails]
         scores: dict[str, dict[str, list[float]]] = {v: {} for v in variants}
         for seed in range(args.seeds):
             for variant in variants:
@@ -99,9 +103,10 @@ def main() -> None:
                 config.train.progress = False
                 config.train.out_dir = str(work / "runs" / f"repcon_seed{seed}_{variant}")
                 if variant != "online":
-                    cache = work / "caches" / f"seed{seed}_{variant}"
+                    cache = work / "caches" / f"seed{seed}_{variant.replace('+', '_')}"
                     shutil.rmtree(cache, ignore_errors=True)
-                    build_teacher_cache(config, cache, top_k=int(variant[3:]), progress=False,
+                    k, _, tail = variant[3:].partition("+")
+                    build_teacher_cache(config, cache, top_k=int(k), tail_mass=bool(tail), progress=False,
                                         log=lambda *a: None)
                     config.teacher_cache = str(cache)
                 backbone = _backbone(_train(config), settings.width)
@@ -124,7 +129,8 @@ def main() -> None:
              f"RepCon student `small_cnn` width {settings.width}, {settings.student_steps} steps, batch "
              f"{settings.batch_size}, T = {settings.temperature}; seeds 0..{args.seeds - 1} (the seed sets the "
              "student's initialisation and the data order; the teachers are the same). Caches: top-k fp16 "
-             "(a teacher with <= k classes stored whole). Frozen backbones scored on the demo's downstream "
+             "(a teacher with <= k classes stored whole; `+tail`: built with the tail mass, the other classes keep "
+             "their softened mass, spread evenly). Frozen backbones scored on the demo's downstream "
              f"tasks. Mean +- std over {args.seeds} seeds; 'diff' is the mean +- std of each seed's paired "
              "difference to online.", "",
              "| variant | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]

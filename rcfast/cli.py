@@ -16,7 +16,7 @@
 - ``rcfast benchmark transfer [--seeds N] [--quick] [--out DIR] [--overwrite]``:
   the representation-consolidation paper's protocol on glyph images, several
   seeds, its claims tested (docs/benchmark.md).
-- ``rcfast cache-teachers --config run.yaml [--epochs E] [--top-k K [--tail-mass]] [--out DIR]``:
+- ``rcfast cache-teachers --config run.yaml [--epochs E] [--top-k K [--no-tail-mass]] [--out DIR]``:
   run the config's teachers once over the images its run will see and store
   their (top-k) logits; a run with ``teacher_cache: DIR`` reads them instead
   (docs/teacher_cache.md).
@@ -159,9 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None, help="logits kept per sample and teacher (default: all)")
     p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"),
                    help="storage of the logits (default: fp32 when all are kept, else fp16)")
-    p.add_argument("--tail-mass", action=argparse.BooleanOptionalAction, default=False,
-                   help="(top-k) also keep each teacher's mass outside its top k at the run's temperature, spread "
-                        "evenly over those classes, instead of renormalising the k (one more value per teacher)")
+    p.add_argument("--tail-mass", action=argparse.BooleanOptionalAction, default=None,
+                   help="(top-k; on by default) also keep each teacher's mass outside its top k at the run's "
+                        "temperature, spread evenly over those classes (one more value per teacher); "
+                        "--no-tail-mass: the k alone, renormalised by the loss")
     p.add_argument("--num-shards", type=int, default=None,
                    help="ranks of the runs that read it bitwise (default: the torchrun world size, else 1)")
     p.add_argument("--out", default=None,

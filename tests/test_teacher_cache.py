@@ -55,15 +55,15 @@ def _one_thread_module():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """The run's files, and its dense fp32 and top-8 (fp32 and fp16) caches, built once for the module."""
+    """The run's files, and its dense fp32 and plain top-8 (fp32 and fp16, no tail mass) caches, built once."""
     root = tmp_path_factory.mktemp("cache_run")
     with pytest.MonkeyPatch.context() as mp:  # the image scan's index stays out of $HOME
         mp.setenv("RCFAST_CACHE_DIR", str(root / "rcfast-cache"))
         data = make_run(root)
         config = config_from_dict(copy.deepcopy(data))
         caches = {"dense": _build(config, root / "dense"),
-                  "top8": _build(config, root / "top8", top_k=8, dtype="fp32"),
-                  "top8_fp16": _build(config, root / "top8_fp16", top_k=8)}
+                  "top8": _build(config, root / "top8", top_k=8, dtype="fp32", tail_mass=False),
+                  "top8_fp16": _build(config, root / "top8_fp16", top_k=8, tail_mass=False)}
     return root, data, caches
 
 
@@ -447,7 +447,7 @@ def test_a_build_rebuilds_a_corrupt_chunk_and_extends_epochs(tiny, tmp_path):
     chunk = cache / "epoch_00002" / "shard_0000_chunk_00000.bin"
     good = chunk.read_bytes()
     chunk.write_bytes(bytes(len(good)))  # same size, zeros
-    summary = _build(config, cache, top_k=8, dtype="fp32", epochs=4)
+    summary = _build(config, cache, top_k=8, dtype="fp32", epochs=4, tail_mass=False)
     assert (summary["epochs"], summary["chunks_built"], summary["chunks_reused"]) == (4, 2, 2)
     assert chunk.read_bytes() == good
     assert json.loads((cache / "manifest.json").read_text())["epochs"] == 4
@@ -455,10 +455,11 @@ def test_a_build_rebuilds_a_corrupt_chunk_and_extends_epochs(tiny, tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ({"top_k": 4}, "top_k=8"), ({"dtype": "bf16"}, "value_dtype='fp32'"), ({"num_shards": 2}, "num_shards=1"),
+    ({"tail_mass": True}, "tail_temperatures=None"),
 ])
 def test_a_build_into_a_cache_of_other_settings_is_refused(tiny, change, message):
     root, data, _ = tiny
-    kwargs = {"top_k": 8, "dtype": "fp32", **change}
+    kwargs = {"top_k": 8, "dtype": "fp32", "tail_mass": False, **change}
     with pytest.raises(CacheError, match=message):
         _build(_config(data), root / "top8", **kwargs)
 
@@ -466,7 +467,7 @@ def test_a_build_into_a_cache_of_other_settings_is_refused(tiny, change, message
 def test_a_build_into_a_cache_of_another_run_is_refused(tiny):
     root, data, _ = tiny
     with pytest.raises(CacheError, match="train.seed"):
-        _build(_config(data, train__seed=5), root / "top8", top_k=8, dtype="fp32")
+        _build(_config(data, train__seed=5), root / "top8", top_k=8, dtype="fp32", tail_mass=False)
 
 
 def test_two_builds_of_one_shard_cannot_run_at_once(tmp_path):
@@ -503,12 +504,13 @@ def test_the_cli_builds_a_cache(tiny, tmp_path, capsys):
     changed["train"]["max_steps"] = 4  # one epoch
     changed["train"]["progress"] = False
     config = write_config(tmp_path / "run.yaml", changed)
-    assert main(["cache-teachers", "--config", str(config), "--top-k", "8", "--out", str(tmp_path / "c")]) == 0
+    assert main(["cache-teachers", "--config", str(config), "--top-k", "8", "--no-tail-mass",
+                 "--out", str(tmp_path / "c")]) == 0
     out = capsys.readouterr().out
     summary = json.loads(out[:out.rindex("}") + 1])
     assert (summary["epochs"], summary["top_k"], summary["value_dtype"], summary["index_dtype"]) == (1, 8, "fp16",
                                                                                                   "int16")
-    assert summary["bytes_per_image"] == 2 * 8 * (2 + 2)
+    assert summary["bytes_per_image"] == 2 * 8 * (2 + 2) and summary["tail_temperatures"] is None
     assert f"--set teacher_cache={tmp_path / 'c'}" in out
     assert main(["cache-teachers", "--config", str(config), "--top-k", "0", "--out", str(tmp_path / "d")]) == 2
     assert "top_k must be a positive integer" in capsys.readouterr().err
@@ -805,10 +807,10 @@ def test_tail_mass_temperatures_come_from_the_objective(tiny, tmp_path):
     with pytest.raises(ConfigError, match=r"reads teacher 'wide' at temperatures 2.0 and 4.0"):
         top_k_temperatures(_config(data, objective=twice))
     fused = [{**data["objective"][0], "fused_linear": True}]
-    with pytest.raises(ConfigError, match=r"no objective term reads the top-k logits of teacher\(s\) \['small', "
-                                          r"'wide'\]"):
-        _build(_config(data, objective=fused), tmp_path / "fused", top_k=8, tail_mass=True)
-    with pytest.raises(TypeError, match="tail_mass must be True or False"):
+    with pytest.raises(ConfigError, match=r"the default for a top-k cache\): no objective term reads the top-k "
+                                          r"logits of teacher\(s\) \['small', 'wide'\].*--no-tail-mass"):
+        _build(_config(data, objective=fused), tmp_path / "fused", top_k=8)
+    with pytest.raises(TypeError, match="tail_mass must be True, False or None"):
         _build(_config(data), tmp_path / "bad", top_k=8, tail_mass="yes")
     messages = []
     summary = build_teacher_cache(_config(data, train__max_steps=4), tmp_path / "dense", tail_mass=True,
@@ -835,7 +837,7 @@ def test_a_cache_from_before_the_tail_mass_still_reads(tiny, tmp_path):
         CachedTeachers(cache, _dataset(_config(data)))
 
 
-def test_the_cli_builds_a_tail_mass_cache(tiny, tmp_path, capsys):
+def test_the_cli_builds_a_top_k_cache_with_its_tail_mass_by_default(tiny, tmp_path, capsys):
     from helpers.cache_run import write_config
     from rcfast.cli import main
 
@@ -843,8 +845,7 @@ def test_the_cli_builds_a_tail_mass_cache(tiny, tmp_path, capsys):
     changed = copy.deepcopy(data)
     changed["train"]["max_steps"] = 4
     config = write_config(tmp_path / "run.yaml", changed)
-    assert main(["cache-teachers", "--config", str(config), "--top-k", "8", "--tail-mass",
-                 "--out", str(tmp_path / "c")]) == 0
+    assert main(["cache-teachers", "--config", str(config), "--top-k", "8", "--out", str(tmp_path / "c")]) == 0
     out = capsys.readouterr().out
     summary = json.loads(out[:out.rindex("}") + 1])
     assert summary["tail_temperatures"] == [2.0, 4.0] and summary["bytes_per_image"] == 2 * 9 * (2 + 2)

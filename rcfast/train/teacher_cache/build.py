@@ -56,13 +56,14 @@ def top_k_temperatures(config: RunConfig) -> list[float]:
             continue
         for teacher, tau in zip(key.teachers, key.temperatures):
             if found.setdefault(teacher, tau) != tau:
-                raise ConfigError(f"--tail-mass: the objective reads teacher {teacher!r} at temperatures "
-                                  f"{found[teacher]} and {tau}; a tail is stored for one temperature: use one, "
-                                  "or build without --tail-mass")
+                raise ConfigError(f"--tail-mass (the default for a top-k cache): the objective reads teacher "
+                                  f"{teacher!r} at temperatures {found[teacher]} and {tau}; a tail is stored for one "
+                                  "temperature: use one, or build with --no-tail-mass")
     missing = [tc.name for tc in config.teachers if tc.name not in found]
     if missing:
-        raise ConfigError(f"--tail-mass: no objective term reads the top-k logits of teacher(s) {missing} (only "
-                          "multihead_kd does, without fused_linear); build without --tail-mass")
+        raise ConfigError(f"--tail-mass (the default for a top-k cache): no objective term reads the top-k logits "
+                          f"of teacher(s) {missing} (only multihead_kd does, without fused_linear); build with "
+                          "--no-tail-mass")
     return [found[tc.name] for tc in config.teachers]
 
 
@@ -234,7 +235,7 @@ def _version() -> str:
 
 def build_teacher_cache(config: RunConfig, out: str | Path, *, epochs: int | None = None, top_k: int | None = None,
                         dtype: str | None = None, num_shards: int | None = None, chunk_batches: int | None = None,
-                        tail_mass: bool = False, progress: bool = True, log=print) -> dict:
+                        tail_mass: bool | None = None, progress: bool = True, log=print) -> dict:
     """Build (or finish, or extend) the teacher cache of ``config`` in ``out``; return a summary.
 
     Args:
@@ -247,12 +248,15 @@ def build_teacher_cache(config: RunConfig, out: str | Path, *, epochs: int | Non
         num_shards: the rank count of the runs that will read it bitwise (default: the
             ``torchrun`` world size, else 1); any rank count can read it.
         chunk_batches: batches per chunk file (default: about :data:`CHUNK_BYTES` per file).
-        tail_mass: (top-k) also store, per (sample, teacher), the logit that keeps
-            the mass of the classes outside the top k at the temperature the
-            run's ``multihead_kd`` term reads that teacher (:func:`top_k_rows`):
-            the run's target is then the teacher's exact top-k probabilities
-            plus its tail spread evenly, not the k entries renormalised. One
-            more value per teacher; such a cache serves only that temperature.
+        tail_mass: (top-k; default ``True`` for a top-k cache) also store, per
+            (sample, teacher), the logit that keeps the mass of the classes
+            outside the top k at the temperature the run's ``multihead_kd``
+            term reads that teacher (:func:`top_k_rows`): the run's target is
+            then the teacher's exact top-k probabilities plus its tail spread
+            evenly. One more value per teacher; such a cache serves only that
+            temperature. ``False``: the k entries alone, renormalised by the
+            loss (any temperature; loses accuracy where the top k hold little
+            of the softened target -- docs/teacher_cache.md#accuracy).
 
     Returns ``{out, epochs, images_per_epoch, top_k, value_dtype, index_dtype,
     tail_temperatures, bytes_per_image, bytes, chunks_built, chunks_reused, build_seconds}``.
@@ -285,13 +289,12 @@ def build_teacher_cache(config: RunConfig, out: str | Path, *, epochs: int | Non
         raise ValueError(f"dtype must be one of {list(VALUE_DTYPES)}, got {dtype!r}")
     if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs <= 0):
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-    if not isinstance(tail_mass, bool):
-        raise TypeError(f"tail_mass must be True or False, got {tail_mass!r}")
-    tail_temperatures = None
+    if tail_mass is not None and not isinstance(tail_mass, bool):
+        raise TypeError(f"tail_mass must be True, False or None (the default), got {tail_mass!r}")
     if tail_mass and dense:
         log("[cache-teachers] a dense cache keeps every class: --tail-mass has nothing to add")
-    elif tail_mass:
-        tail_temperatures = top_k_temperatures(config)
+    keep_tail = not dense if tail_mass is None else tail_mass and not dense
+    tail_temperatures = top_k_temperatures(config) if keep_tail else None
     root = Path(out)
 
     def dataset(shard: int) -> ProxyImages:

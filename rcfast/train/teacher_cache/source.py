@@ -126,8 +126,9 @@ class CachedTeachers(TeacherSource):
                 for teacher, tau in zip(key.teachers, read_at):
                     built = self.tail_temperatures.get(teacher)
                     if tau is None or built is None or not math.isclose(tau, built, rel_tol=1e-6):
+                        at = "an undeclared temperature" if tau is None else tau
                         raise ConfigError(f"the teacher cache {self.root} keeps teacher {teacher!r}'s tail mass at "
-                                          f"temperature {built}, but an objective term reads it at {tau}: build "
+                                          f"temperature {built}, but an objective term reads it at {at}: build "
                                           "the cache from this config (cache-teachers --tail-mass), or without "
                                           "--tail-mass")
 
