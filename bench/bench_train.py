@@ -27,11 +27,12 @@ batch, each timed alone: a cache removes the teachers' forward and nothing
 else, so ``online step / (online step - teachers' forward)`` is the ceiling of
 any cache for this run, printed beside what the caches reached.
 
-    python bench/bench_train.py [--quick] [--rounds 7] [--steps 10] [--device auto]
+    python bench/bench_train.py [--quick] [--rounds 15] [--steps 6] [--device auto]
 
 prints a markdown table (and, without --quick, writes bench/results/train.md);
 the last line is ``train throughput: cached top-k <X>x online`` with X the
-smaller of the top-8 and top-32 median ratios with same-size teachers.
+smallest median ratio of the top-k variants (top-8, top-32, top-8 with its tail
+mass) with same-size teachers.
 """
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ TEACHER_CLASSES = {"task_a": 200, "task_b": 200, "generalist": 1000}
 # Teacher width / student width: "2x" teachers take about twice the student's forward time (see the docstring).
 WIDTH_SCALE = {"same": 1.0, "2x": 50 / 32}
 VARIANTS = ("online", "dense", "top8", "top32", "top8_tail")
+TOP_K_VARIANTS = ("top8", "top32", "top8_tail")
 CACHES = {"dense": {"top_k": None, "dtype": "fp32"}, "top8": {"top_k": 8, "dtype": "fp16", "tail_mass": False},
           "top32": {"top_k": 32, "dtype": "fp16", "tail_mass": False},
           "top8_tail": {"top_k": 8, "dtype": "fp16", "tail_mass": True}}
@@ -155,12 +157,13 @@ def child(config_path: str) -> None:
 
 
 def phase_seconds(trainer, repeats: int) -> dict:
-    """Seconds per step of two parts of a step, each timed alone (median of ``repeats``).
+    """Seconds of a step and of parts of it, each timed alone (median of ``repeats``), the parts interleaved.
 
     ``step_s``: a whole training step; ``data_s``: drawing the next batch; ``teachers_s``: the teachers' forward on one
     batch, as the step requests it (online teachers only; ``None`` for a cache); ``student_forward_s``: the
     student's forward alone on the same batch (``eval()``, no gradient, as the teachers run), the unit a
-    teacher's cost is measured in.
+    teacher's cost is measured in. Each repeat times every part once, back to back, so that the parts are
+    compared under the same load (timed one part after the other, a busy moment skewed one of them).
     Caching removes ``teachers_s`` from a step and nothing else, so
     ``step_s / (step_s - teachers_s)`` is the most any cache can speed the run.
     """
@@ -168,26 +171,32 @@ def phase_seconds(trainer, repeats: int) -> dict:
 
     from rcfast.train.teachers import OnlineTeachers, TeacherRequest
 
-    def median_seconds(fn) -> float:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            if trainer.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+    def seconds(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
 
     stream = trainer.streams["proxy"]
-    out = {"step_s": median_seconds(trainer.train_step), "data_s": median_seconds(stream.next), "teachers_s": None}
+    parts = {"step_s": trainer.train_step, "data_s": stream.next}
     if isinstance(trainer.teachers, OnlineTeachers):
         batch = stream.next()
         images = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(trainer.device)
         request = TeacherRequest(stream="proxy", step=0, images=images, teachers=tuple(trainer.teachers.num_classes))
-        out["teachers_s"] = median_seconds(lambda: trainer.teachers(request))
         student = copy.deepcopy(trainer.student).eval()  # as the teachers run: eval(), no gradient
-        with torch.inference_mode():
-            out["student_forward_s"] = median_seconds(lambda: student(images))
+
+        def student_forward():
+            with torch.inference_mode():
+                student(images)
+
+        parts.update(teachers_s=lambda: trainer.teachers(request), student_forward_s=student_forward)
+    times: dict[str, list[float]] = {name: [] for name in parts}
+    for _ in range(repeats):
+        for name, fn in parts.items():
+            times[name].append(seconds(fn))
+    out = {"teachers_s": None, "student_forward_s": None}
+    out.update({name: statistics.median(t) for name, t in times.items()})
     return out
 
 
@@ -236,7 +245,7 @@ def bench_teacher_set(work: Path, teacher_set: str, s: dict, args) -> dict:
     from rcfast.train.teacher_cache import build_teacher_cache
 
     total_steps = args.warmup + args.rounds * args.steps
-    phase_repeats = max(5, args.steps)
+    phase_repeats = max(9, args.steps)
     # room in the schedule for the steps phase_seconds times after the rounds
     data, flop_ratio = make_run(work, teacher_set, s, total_steps + phase_repeats, args.device)
     config = config_from_dict(json.loads(json.dumps(data)))
@@ -291,9 +300,9 @@ def report(results: dict, s: dict, args) -> str:
              f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
              f"{os.cpu_count()} CPUs, {platform.machine()}. {args.rounds} interleaved rounds of {args.steps} steps "
              f"after {args.warmup} warm-up steps; each variant in its own process.", "",
-             "| teachers | variant | images/s (median) | rounds (images/s) | vs online (median of per-round ratios) "
-             "| cache bytes / image | cache build s (images/s) | peak RSS MiB |",
-             "|---|---|---:|---|---:|---:|---:|---:|"]
+             "| teachers | variant | images/s (median) | vs online (median of per-round ratios) | per-round ratios, "
+             "quartiles | cache bytes / image | cache build s (images/s) | peak RSS MiB |",
+             "|---|---|---:|---:|---|---:|---:|---:|"]
     for teacher_set, r in results.items():
         label = (f"{teacher_set} ({r['phases']['teacher_time_ratio']:.2f}x student forward time, "
                  f"{r['flop_ratio']:.2f}x FLOPs)")
@@ -301,9 +310,11 @@ def report(results: dict, s: dict, args) -> str:
             cache = r["caches"].get(name)
             built = (f"{cache['build_seconds']:.1f} ({cache['epochs'] * cache['images_per_epoch'] / cache['build_seconds']:.0f})"
                      if cache else "-")
+            ratios = r["ratios"][name]
+            quartiles = (statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0], ratios[0], ratios[0]])
             lines.append(f"| {label} | {name} | {statistics.median(r['rounds'][name]):.0f} | "
-                         f"{', '.join(f'{x:.0f}' for x in r['rounds'][name])} | "
-                         f"{statistics.median(r['ratios'][name]):.2f}x | {cache['bytes_per_image'] if cache else '-'} | "
+                         f"{statistics.median(ratios):.2f}x | {quartiles[0]:.2f}-{quartiles[2]:.2f}x | "
+                         f"{cache['bytes_per_image'] if cache else '-'} | "
                          f"{built} | {r['maxrss_mib'][name]:.0f} |")
     lines += ["", "What caching can gain: the online run's step and two of its parts, each timed alone (median of "
               "several repeats) in the online process after the rounds. A cache removes the teachers' forward "
@@ -313,7 +324,7 @@ def report(results: dict, s: dict, args) -> str:
               "ceiling of a cache | best cached top-k | of the ceiling |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for teacher_set, r in results.items():
         p = r["phases"]
-        best = max(statistics.median(r["ratios"][n]) for n in ("top8", "top32"))
+        best = max(statistics.median(r["ratios"][n]) for n in TOP_K_VARIANTS)
         lines.append(f"| {teacher_set} | {p['step_s'] * 1e3:.1f} | {p['teachers_s'] * 1e3:.1f} | "
                      f"{p['student_forward_s'] * 1e3:.1f} | {p['data_s'] * 1e3:.1f} | {p['ceiling']:.2f}x | {best:.2f}x | {best / p['ceiling']:.0%} |")
     lines += ["", "Per-round ratios to online (same round, back to back):"]
@@ -338,8 +349,9 @@ def main() -> None:
     if args.child:
         child(args.child)
         return
-    args.rounds = args.rounds or (3 if args.quick else 7)
-    args.steps = args.steps or (6 if args.quick else 10)
+    # Many short rounds: a round's ratio pairs two runs seconds apart, and the median of many is steadier.
+    args.rounds = args.rounds or (3 if args.quick else 15)
+    args.steps = args.steps or 6
     args.warmup = args.warmup if args.warmup is not None else (3 if args.quick else 5)
     s = _settings(args.quick)
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="rcfast-bench-train-"))
@@ -355,8 +367,7 @@ def main() -> None:
         out = REPO / "bench" / "results" / "train.md"
         out.write_text(text + f"\nReproduce: `python bench/bench_train.py` (from the repository root).\n")
     same = results["same"]["ratios"]
-    print(f"train throughput: cached top-k {min(statistics.median(same['top8']), statistics.median(same['top32'])):.2f}x "
-          "online")
+    print(f"train throughput: cached top-k {min(statistics.median(same[n]) for n in TOP_K_VARIANTS):.2f}x online")
 
 
 if __name__ == "__main__":

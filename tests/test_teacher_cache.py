@@ -174,6 +174,24 @@ def _top_k_reference_loss(student, logits, temperatures, weights, k):
     return total.mean()
 
 
+def _step_and_its_online_teachers(trainer, config, online):
+    """Take one training step; recompute, independently, what it saw.
+
+    Returns ``(the step's loss values, its step inputs, the student's logits before the update, the online
+    teachers' logits)`` on the images of the step's (epoch, batch), drawn again from a fresh dataset.
+    """
+    student_before = copy.deepcopy(trainer.student)
+    _, values, _, step = trainer.train_step()
+    epoch, batch = trainer.streams["proxy"].position()
+    dataset = _dataset(config)
+    dataset.load_state_dict({"epoch": epoch, "batches_consumed": batch})
+    x = next(iter(dataset))
+    logits = online(TeacherRequest("proxy", 0, x, tuple(TEACHERS))).logits
+    with torch.no_grad():
+        s = student_before.train()(x)
+    return values, step, s, logits
+
+
 def test_a_top_k_run_trains_on_the_top_k_loss(tiny, tmp_path):
     """The step's multihead_kd value from the cache is the top-k loss of the online teachers' logits."""
     root, data, _ = tiny
@@ -182,22 +200,11 @@ def test_a_top_k_run_trains_on_the_top_k_loss(tiny, tmp_path):
     trainer = Consolidator.from_config(config)
     online = _online(config)
     for _ in range(2):
-        student_before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
-        loss, values, _, step = trainer.train_step()
+        values, step, s, logits = _step_and_its_online_teachers(trainer, config, online)
         images = step[next(k for k in step.keys() if type(k).__name__ == "StudentLogits")]
-        # Recompute independently: the images of this position, the online teachers, the student before the step.
-        epoch, batch = trainer.streams["proxy"].position()
-        dataset = _dataset(config)
-        dataset.load_state_dict({"epoch": epoch, "batches_consumed": batch})
-        x = next(iter(dataset))
-        logits = online(TeacherRequest("proxy", 0, x, tuple(TEACHERS))).logits
-        student = copy.deepcopy(trainer.student)
-        student.load_state_dict(student_before)
-        with torch.no_grad():
-            s = student.train()(x)
         want = _top_k_reference_loss(s, logits, [2.0, 4.0], [1.0, 0.5], 8)
         assert float(values["multihead_kd"]) == pytest.approx(float(want), rel=1e-5)
-        assert images.shape[0] == x.shape[0]
+        assert images.shape == s.shape
     trainer.close()
 
 
@@ -749,17 +756,8 @@ def test_a_tail_mass_run_trains_on_the_teacher_with_its_tail(tiny, tail_cache, t
     assert "top-8 + tail" in repr(trainer.teachers)
     online = _online(config)
     for _ in range(2):
-        student_before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
-        _, values, _, _ = trainer.train_step()
-        epoch, batch = trainer.streams["proxy"].position()
-        dataset = _dataset(config)
-        dataset.load_state_dict({"epoch": epoch, "batches_consumed": batch})
-        x = next(iter(dataset))
-        logits = online(TeacherRequest("proxy", 0, x, tuple(TEACHERS))).logits
-        student = copy.deepcopy(trainer.student)
-        student.load_state_dict(student_before)
-        with torch.no_grad():
-            s = student.train()(x).double()
+        values, _, s, logits = _step_and_its_online_teachers(trainer, config, online)
+        s = s.double()
         want, start = 0.0, 0
         for size, tau, w in zip(SIZES, [2.0, 4.0], [1.0, 0.5]):
             p = _tail_target(logits[:, start:start + size], 8, tau)

@@ -10,7 +10,7 @@ a run with the build's batch size and rank count gets bitwise the logits it
 would have computed; any other run gets the same teachers on the same images.
 
 Each (epoch, sample, teacher) keeps its top-k logits and their class indices
-(:func:`top_k_rows`). Chunks are written atomically and a rebuild skips every
+and, by default, the fill logit of its tail mass (:func:`top_k_rows`). Chunks are written atomically and a rebuild skips every
 chunk that is complete and verifies (size + sha256), so a killed build resumes
 where it stopped. Under ``torchrun`` each rank builds the shards ``s`` with
 ``s % world_size == rank``.

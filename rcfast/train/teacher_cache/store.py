@@ -3,7 +3,8 @@
 A cache directory holds ``manifest.json`` (:mod:`rcfast.train.teacher_cache.manifest`)
 and, per epoch, chunk files of rows, one row per sample: a dense cache's row
 is the packed logits of all teachers (``W = sum(C_t)``, no indices); a top-k
-cache's row is ``T x k`` values and as many class indices (``W = T * k``)::
+cache's row is ``T x k`` values and as many class indices (``W = T * k``), or
+``T x (k + 1)`` with the tail mass (each teacher's last entry is its fill, index -1)::
 
     DIR/manifest.json
     DIR/epoch_00003/shard_0001_chunk_00002.bin    values [rows, W], then indices [rows, W] (top-k only)
