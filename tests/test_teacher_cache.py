@@ -316,12 +316,6 @@ def test_terms_a_top_k_cache_cannot_serve_are_refused_before_training(tiny, tmp_
         config.train.out_dir = str(tmp_path / teacher)
         with pytest.raises(ConfigError, match=rf"dense logits of teachers \['{teacher}'\].*top 8 only"):
             Consolidator.from_config(config)
-    # multihead_kd with its head fused in takes dense teacher logits only
-    config = _config(data, teacher_cache=str(root / "top8"),
-                     objective=[{**data["objective"][0], "fused_linear": True}] + data["objective"][1:])
-    config.train.out_dir = str(tmp_path / "fused")
-    with pytest.raises(ConfigError, match=r"dense logits of teachers \['small', 'wide'\].*top 8 only"):
-        Consolidator.from_config(config)
     # a dense cache serves it
     config = _config(data, teacher_cache=str(root / "dense"),
                      objective=data["objective"] + [{"term": "regression_probe", "teacher": "wide"}])
@@ -804,10 +798,10 @@ def test_tail_mass_temperatures_come_from_the_objective(tiny, tmp_path):
              {"term": "multihead_kd", "name": "kd4", "temperature": 4.0}]
     with pytest.raises(ConfigError, match=r"reads teacher 'wide' at temperatures 2.0 and 4.0"):
         top_k_temperatures(_config(data, objective=twice))
-    fused = [{**data["objective"][0], "fused_linear": True}]
+    dense_only = [{"term": "multihead_kd", "heads": ["small"]}, {"term": "regression_probe", "teacher": "wide"}]
     with pytest.raises(ConfigError, match=r"the default for a top-k cache\): no objective term reads the top-k "
-                                          r"logits of teacher\(s\) \['small', 'wide'\].*--no-tail-mass"):
-        _build(_config(data, objective=fused), tmp_path / "fused", top_k=8)
+                                          r"logits of teacher\(s\) \['wide'\].*--no-tail-mass"):
+        _build(_config(data, objective=dense_only), tmp_path / "dense_only", top_k=8)
     with pytest.raises(TypeError, match="tail_mass must be True, False or None"):
         _build(_config(data), tmp_path / "bad", top_k=8, tail_mass="yes")
     messages = []
@@ -851,3 +845,23 @@ def test_the_cli_builds_a_top_k_cache_with_its_tail_mass_by_default(tiny, tmp_pa
     assert main(["cache-teachers", "--config", str(config), "--top-k", "8", "--out", str(tmp_path / "c"),
                  "--no-tail-mass"]) == 2
     assert "tail_temperatures=[2.0, 4.0]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cache", ["top8", "top8_tail"])
+def test_the_fused_linear_term_trains_from_a_top_k_cache_as_the_unfused_one(tiny, tail_cache, tmp_path, cache):
+    """multihead_kd with fused_linear densifies a top-k teacher (-inf, or the tail's fill, outside the k): the
+    same losses and weights as the unfused term reading the same cache, to float rounding."""
+    root, data, _ = tiny
+    path = tail_cache[0] if cache == "top8_tail" else root / "top8"
+    runs = {}
+    for fused in (False, True):
+        config = _config(data, teacher_cache=str(path), train__max_steps=3,
+                         objective=[{**data["objective"][0], "fused_linear": fused}])
+        config.train.out_dir = str(tmp_path / f"fused_{fused}")
+        trainer = Consolidator.from_config(config)
+        losses = [float(trainer.train_step()[1]["multihead_kd"]) for _ in range(3)]
+        runs[fused] = (losses, {k: v.clone() for k, v in trainer.student.state_dict().items()})
+        trainer.close()
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+    for name, value in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][name], value, rtol=1e-4, atol=1e-5)

@@ -13,8 +13,10 @@ Options (YAML ``{term: multihead_kd, ...}``):
   (:func:`rcfast.fused_linear_multihead_kd_loss`): the term reads the
   backbone's features and the head's weight and bias, and when no other term
   reads the student's logits they are never made (nor their gradient) -- for
-  heads of tens of thousands of classes. Same loss up to float rounding; dense
-  teacher logits only (not a top-k teacher cache). Default ``false``.
+  heads of tens of thousands of classes. Same loss up to float rounding. From
+  a top-k teacher cache the teacher is densified first (``-inf``, or the tail's
+  fill, outside the k: ``B x sum(C)`` floats, as online teachers give). Default
+  ``false``.
 
 Loss: :func:`rcfast.multihead_kd_loss` with ``reduction="batchmean"`` on the
 run's ``train.loss_backend``; per-head values are logged as parts. The
@@ -138,16 +140,17 @@ class MultiHeadKD(Term):
             self.student_key = setup.need(StudentHeadLinear(stream, tuple(self.head_names)))
         else:
             self.student_key = setup.need(StudentLogits(stream, tuple(self.head_names)))
-        # The fused linear op takes dense teacher logits only: a top-k cache is refused before training.
-        self.teacher_key = setup.need(TeacherLogits(stream, tuple(pairs.values()),
-                                                    accepts_top_k=not self.fused_linear,
-                                                    temperatures=None if self.fused_linear else self.temperatures))
+        self.teacher_key = setup.need(TeacherLogits(stream, tuple(pairs.values()), accepts_top_k=True,
+                                                    temperatures=self.temperatures))
 
     def _fused_linear_loss(self, step: StepInputs, rows: slice | None = None, **options) -> torch.Tensor:
         """The loss with the head fused in, over all distilled heads or the packed ``rows`` of one."""
         features = step[self.features_key]
         weight, bias = step[self.student_key]
         teacher = step[self.teacher_key]
+        if isinstance(teacher, SparseTeacherLogits):
+            # The fused linear op takes dense teacher logits: the dense teacher a top-k cache stands for.
+            teacher = teacher.to_dense(features.dtype)
         if rows is not None:
             weight, teacher = weight[rows], teacher[:, rows]
             bias = None if bias is None else bias[rows]

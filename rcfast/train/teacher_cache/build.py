@@ -62,7 +62,7 @@ def top_k_temperatures(config: RunConfig) -> list[float]:
     missing = [tc.name for tc in config.teachers if tc.name not in found]
     if missing:
         raise ConfigError(f"--tail-mass (the default for a top-k cache): no objective term reads the top-k logits "
-                          f"of teacher(s) {missing} (only multihead_kd does, without fused_linear); build with "
+                          f"of teacher(s) {missing} (only multihead_kd does); build with "
                           "--no-tail-mass")
     return [found[tc.name] for tc in config.teachers]
 
