@@ -9,14 +9,14 @@ class; an entry whose value is ``-inf`` is padding (a teacher with fewer than k
 classes), its index is never read. This is the input of
 :func:`rcfast.sparse_multihead_kd_loss`.
 
-A cache built with its *tail mass* (``rcfast cache-teachers --tail-mass``)
+A cache built with its *tail mass* (``rcfast cache-teachers``' default for top-k)
 also gives ``fill [B, T]``: the logit of every class outside the k. It is
 chosen so that at the run's temperature the teacher's softmax keeps its exact
 top-k probabilities and the exact total mass of the other classes, spread
 evenly over them (as FKD's soft labels do), instead of renormalising the k
 entries; see :func:`rcfast.train.teacher_cache.top_k_rows`.
 
-Terms that can use a top-k teacher declare ``TeacherLogits(..., top_k_ok=True)``
+Terms that can use a top-k teacher declare ``TeacherLogits(..., accepts_top_k=True)``
 and receive this object instead of a tensor when the run's teacher source has
 only the top k; the others are refused before training.
 """

@@ -293,8 +293,8 @@ def build_teacher_cache(config: RunConfig, out: str | Path, *, epochs: int | Non
         raise TypeError(f"tail_mass must be True, False or None (the default), got {tail_mass!r}")
     if tail_mass and dense:
         log("[cache-teachers] a dense cache keeps every class: --tail-mass has nothing to add")
-    keep_tail = not dense if tail_mass is None else tail_mass and not dense
-    tail_temperatures = top_k_temperatures(config) if keep_tail else None
+    # None (the default): a top-k cache keeps its tail; a dense one has none to keep.
+    tail_temperatures = top_k_temperatures(config) if not dense and tail_mass is not False else None
     root = Path(out)
 
     def dataset(shard: int) -> ProxyImages:

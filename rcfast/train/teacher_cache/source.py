@@ -9,7 +9,7 @@ any term; a top-k cache gives
 :class:`~rcfast.train.sparse_teacher.SparseTeacherLogits`, to the terms that
 accept them (``TeacherLogits(..., accepts_top_k=True)``: ``multihead_kd``,
 which feeds them to the sparse loss); a term that needs dense logits is
-refused before training. A cache built with ``--tail-mass`` adds each
+refused before training. A cache built with its tail mass (the default) adds each
 teacher's ``fill`` (the logit of its classes outside the k) and is refused for
 a term that reads the teacher at another temperature than it was built for.
 
@@ -120,7 +120,7 @@ class CachedTeachers(TeacherSource):
                 raise ConfigError(f"an objective term needs the dense logits of teachers {list(key.teachers)}, but "
                                   f"the teacher cache {self.root} holds their top {self.top_k} only: build a "
                                   "dense cache (cache-teachers without --top-k) or run the teachers online")
-            if self.tail_temperatures is not None and not self.dense:
+            if self.tail_temperatures is not None:  # (read_manifest: a dense cache has none)
                 # The stored fill keeps the tail's mass at one temperature only.
                 read_at = key.temperatures or (None,) * len(key.teachers)
                 for teacher, tau in zip(key.teachers, read_at):
@@ -129,8 +129,7 @@ class CachedTeachers(TeacherSource):
                         at = "an undeclared temperature" if tau is None else tau
                         raise ConfigError(f"the teacher cache {self.root} keeps teacher {teacher!r}'s tail mass at "
                                           f"temperature {built}, but an objective term reads it at {at}: build "
-                                          "the cache from this config (cache-teachers --tail-mass), or without "
-                                          "--tail-mass")
+                                          "the cache from this config, or with --no-tail-mass")
 
     def __call__(self, request: TeacherRequest) -> TeacherOutputs:
         if request.stream != self.stream:
